@@ -1,0 +1,24 @@
+# Two commands do everything:
+#   make run    set up, then fuse a random ResNet-50, check parity, time eager vs fused (GPU if there is one)
+#   make test   set up, then run the test suite (GPU tests are skipped without a GPU)
+PYTHON ?= python3
+# torch is installed only when missing, so a machine with its own CUDA build of torch keeps it.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+BUILD_DEPS = setuptools wheel ninja pybind11 nvidia-cutlass==4.2.0.0
+TEST_DEPS = pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript
+
+.PHONY: setup setup-test run test
+
+setup:
+	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PINS)
+	$(PYTHON) -m pip install $(BUILD_DEPS)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) -m pip install --no-build-isolation -e .
+
+setup-test: setup
+	$(PYTHON) -m pip install $(TEST_DEPS)
+
+run: setup
+	$(PYTHON) -m fused_resnet
+
+test: setup-test
+	$(PYTHON) -m pytest -ra

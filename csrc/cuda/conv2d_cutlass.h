@@ -1,0 +1,75 @@
+// The CUTLASS convolution kernels of this build, as seen from code that does not include CUTLASS.
+//
+// Every kernel computes, for a dense NHWC input x, a dense KRSC filter and a dense NHWC output,
+//
+//     out[n,p,q,k] = act( sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, c] * w[k,r,s,c]
+//                         + bias[k] + residual[n,p,q,k] )
+//
+// with fp32 accumulation (act = ReLU or identity, bias and residual optional). The launcher
+// (conv2d_bias_act.cu) turns torch tensors into a Conv2dProblem; the instantiations live in
+// conv2d_cutlass_fp16.cu and conv2d_cutlass_bf16.cu so that they compile in parallel.
+
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+namespace fused_resnet {
+
+enum class Conv2dAlgorithm {
+  // CUTLASS's "optimized" fprop iterators: one filter position (r, s) per step of the GEMM-K
+  // loop, channels read 8 at a time. Needs C % 8 == 0 (the launcher zero-pads channels).
+  kOptimized,
+  // CUTLASS's "few channels" iterators: the GEMM-K dimension R*S*C is walked as one flat range,
+  // 4 channels at a time, so a 3-channel stem padded to 4 does not waste most of each K tile.
+  kFewChannels,
+};
+
+struct Conv2dConfig {
+  const char* name;
+  Conv2dAlgorithm algorithm;
+  int tile_m;  // threadblock tile along M = N*P*Q (output pixels)
+  int tile_n;  // threadblock tile along N = K (output channels)
+};
+
+// The `config` argument of the conv ops is an index into this table (-1: chosen by a heuristic).
+// conv2d_cutlass.cuh holds the matching tile shapes and checks them against this table.
+inline constexpr Conv2dConfig kConv2dConfigs[] = {
+    {"optimized_128x128x64_3stage", Conv2dAlgorithm::kOptimized, 128, 128},
+    {"optimized_128x64x64_4stage", Conv2dAlgorithm::kOptimized, 128, 64},
+    {"optimized_64x64x64_4stage", Conv2dAlgorithm::kOptimized, 64, 64},
+    {"few_channels_128x64x32_4stage", Conv2dAlgorithm::kFewChannels, 128, 64},
+};
+inline constexpr int kNumConv2dConfigs = sizeof(kConv2dConfigs) / sizeof(kConv2dConfigs[0]);
+
+// The few-channels kernels read 4 channels per access: inputs with at most this many channels
+// (zero-padded to a multiple of 4) go to them.
+inline constexpr int kFewChannelsMaxC = 8;
+inline constexpr int kFewChannelsAlignment = 4;
+inline constexpr int kOptimizedAlignment = 8;
+
+// One convolution, every tensor dense, 16-byte aligned, of the kernel's element type.
+// c is the (possibly zero-padded) channel count of both x and the filter.
+struct Conv2dProblem {
+  int n, h, w, c;  // x: N x H x W x C
+  int k, r, s;     // filter: K x R x S x C
+  int p, q;        // out, residual: N x P x Q x K
+  int pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w;
+  const void* x;
+  const void* weight;
+  const void* bias;      // K values, or nullptr
+  const void* residual;  // or nullptr
+  void* out;
+  bool relu;
+};
+
+// "N=.. C=.. HxW=.. -> K=.. RxS=.. stride .. padding .. dilation .." for error messages.
+std::string describe(const Conv2dProblem& problem);
+
+// Run kConv2dConfigs[config] on `stream`. Errors (a config that cannot serve the problem, a
+// failed launch) are thrown as c10::Error naming the layer.
+void conv2d_cutlass_fp16(const Conv2dProblem& problem, int config, cudaStream_t stream);
+void conv2d_cutlass_bf16(const Conv2dProblem& problem, int config, cudaStream_t stream);
+
+}  // namespace fused_resnet

@@ -1,0 +1,11 @@
+// The bf16 instantiations of the CUTLASS conv kernels (see conv2d_cutlass.cuh).
+
+#include "conv2d_cutlass.cuh"
+
+namespace fused_resnet {
+
+void conv2d_cutlass_bf16(const Conv2dProblem& problem, int config, cudaStream_t stream) {
+  run_conv2d_config<cutlass::bfloat16_t>(problem, config, stream);
+}
+
+}  // namespace fused_resnet

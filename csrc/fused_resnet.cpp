@@ -1,0 +1,103 @@
+// The fused_resnet_C operator library: schemas, the CPU kernels, and the Python module stub.
+//
+// CUDA kernels are registered in csrc/cuda/*.cu (TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m)).
+// The fake (meta) implementations are in fused_resnet/backends/cuda.py. Every op that writes a
+// preallocated `out` has a functional twin that allocates it, so either form can be used and checked.
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/TensorIterator.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "cuda/conv2d_cutlass.h"
+
+// `import fused_resnet._C` loads this library, which runs the registrations below. The module
+// itself has no functions: everything is reached through torch.ops.fused_resnet_C.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",     // name
+      nullptr,  // documentation
+      -1,       // no per-interpreter state
+      nullptr,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+
+namespace fused_resnet {
+namespace {
+
+void add_relu_out_cpu(const at::Tensor& x, const at::Tensor& y, at::Tensor& out) {
+  TORCH_CHECK(x.sizes() == y.sizes() && x.sizes() == out.sizes(), "fused_resnet_C::add_relu: x, y and out must ",
+              "have one shape, got ", x.sizes(), ", ", y.sizes(), " and ", out.sizes());
+  // TensorIterator checks that the three tensors share device and dtype, rejects a partially
+  // overlapping out, and walks any strides.
+  at::TensorIterator iter = at::TensorIteratorConfig()
+                                .add_output(out)
+                                .add_const_input(x)
+                                .add_const_input(y)
+                                .resize_outputs(false)
+                                .build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, iter.common_dtype(), "fused_resnet_C::add_relu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    // A 2-D loop: strides[0..2] step out, x, y along the inner dimension, strides[3..5] along the outer.
+    iter.for_each([](char** data, const int64_t* strides, int64_t inner, int64_t outer) {
+      for (int64_t j = 0; j < outer; ++j) {
+        for (int64_t i = 0; i < inner; ++i) {
+          opmath_t sum = opmath_t(*reinterpret_cast<const scalar_t*>(data[1] + i * strides[1] + j * strides[4])) +
+                         opmath_t(*reinterpret_cast<const scalar_t*>(data[2] + i * strides[2] + j * strides[5]));
+          // `sum < 0` is false for NaN, so NaN propagates as in torch.relu.
+          *reinterpret_cast<scalar_t*>(data[0] + i * strides[0] + j * strides[3]) = scalar_t(sum < 0 ? opmath_t(0) : sum);
+        }
+      }
+    });
+  });
+}
+
+at::Tensor add_relu_cpu(const at::Tensor& x, const at::Tensor& y) {
+  at::Tensor out = at::empty_like(x);
+  add_relu_out_cpu(x, y, out);
+  return out;
+}
+
+// Names of the convolution kernels; the `config` argument of the conv ops indexes this list.
+// Empty when the extension was built without CUTLASS (then the conv ops have no kernels).
+std::vector<std::string> conv2d_configs() {
+  std::vector<std::string> names;
+#ifdef FUSED_RESNET_WITH_CUTLASS
+  for (const Conv2dConfig& config : kConv2dConfigs) {
+    names.emplace_back(config.name);
+  }
+#endif
+  return names;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_resnet_C, m) {
+  // relu(x + y), computed in the op-math type (float for half/bfloat16) and rounded once.
+  m.def("add_relu(Tensor x, Tensor y) -> Tensor");
+  m.def("add_relu_out(Tensor x, Tensor y, Tensor(a!) out) -> ()");
+  // act(conv2d(x, weight) + bias + residual) for groups = 1; act = ReLU if relu. The output is
+  // channels_last. config: -1 picks a kernel by a heuristic, otherwise an index into conv2d_configs().
+  m.def(
+      "conv2d_bias_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool relu, int config=-1) -> Tensor");
+  m.def(
+      "conv2d_bias_act_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool relu, int config, Tensor(a!) out) -> ()");
+  m.def("conv2d_configs() -> str[]", &conv2d_configs);
+}
+
+TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
+  m.impl("add_relu", &add_relu_cpu);
+  m.impl("add_relu_out", &add_relu_out_cpu);
+}
+
+}  // namespace fused_resnet

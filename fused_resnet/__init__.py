@@ -1,0 +1,13 @@
+"""fused_resnet: fused conv + BatchNorm + ReLU (+ residual add) kernels for ResNet inference.
+
+    import fused_resnet as fr
+    fused = fr.fuse(torchvision.models.resnet50().eval())
+"""
+
+from . import ops
+from .convert import fuse
+from .fold import fold_bn
+from .nn import FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedResNet
+
+__all__ = ["fuse", "fold_bn", "ops", "FusedConv2d", "FusedBasicBlock", "FusedBottleneck", "FusedResNet"]
+__version__ = "0.1.0"

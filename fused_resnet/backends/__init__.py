@@ -1,0 +1,119 @@
+"""Backends: one module per way of computing the fused ops.
+
+Every backend module exposes the same five names, so the op layer can treat them alike:
+
+    NAME: str
+    unavailable_reason(device) -> str | None
+        None when the backend can run on tensors of `device` at all; otherwise why not
+        (extension not built, no GPU, Triton missing...). Asking for an unavailable backend
+        is an error.
+    conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None
+        None when this backend computes that case; otherwise why not. An unsupported but valid
+        case falls back to the reference backend with a one-time warning.
+    conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> None
+        Writes act(conv2d(x, weight) + bias + residual) into `out`, a preallocated channels_last
+        tensor of shape (N, Cout, OH, OW) and x's dtype. `x`, `residual` may have any strides;
+        `weight` is (Cout, Cin // groups, R, S); `bias` (Cout,) or None; stride, padding and
+        dilation are pairs of ints. The arguments were validated before the call.
+    add_relu_unsupported_reason(x, y) -> str | None
+    add_relu(out, x, y) -> None
+        Writes relu(x + y) into `out` (same shape and dtype as x and y, x's strides).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+
+import torch
+
+NAMES = ("cuda", "triton", "torch")
+
+
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    """Preference order for backend="auto": the first that is available and serves the case wins.
+
+    On the CPU that is always the reference: Triton runs there only through its (slow) interpreter.
+    """
+    return NAMES if device.type == "cuda" else ("torch",)
+
+
+_MODULES = {
+    "torch": "fused_resnet.backends.reference",
+    "triton": "fused_resnet.backends.triton",
+    "cuda": "fused_resnet.backends.cuda",
+}
+_loaded: dict[str, ModuleType] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def get(name: str) -> ModuleType:
+    """The backend module called `name` ("torch", "triton" or "cuda")."""
+    if name not in _MODULES:
+        raise ValueError(
+            f"unknown backend {name!r}; supported backends are {', '.join(repr(n) for n in NAMES)} and 'auto'"
+        )
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(_MODULES[name])
+    return module
+
+
+def check_name(name: str) -> None:
+    if name != "auto":
+        get(name)
+
+
+def available(device: torch.device | str) -> list[str]:
+    """Names of the backends that can run on `device`."""
+    device = torch.device(device)
+    return [name for name in NAMES if get(name).unavailable_reason(device) is None]
+
+
+def _warn_once(key: tuple[str, str], message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
+def _select(name: str, device: torch.device, what: str, reason_of) -> ModuleType:
+    """The backend that will compute one call.
+
+    `reason_of(backend)` says why a backend cannot serve the case (None if it can). An explicitly
+    named backend that cannot run on the device at all is an error; one that can run but does not
+    serve this case falls back to the reference backend, with one warning per distinct reason.
+    """
+    reference = get("torch")
+    if name == "auto":
+        for candidate in auto_order(device):
+            backend = get(candidate)
+            if backend.unavailable_reason(device) is None and reason_of(backend) is None:
+                return backend
+        return reference
+    backend = get(name)
+    unavailable = backend.unavailable_reason(device)
+    if unavailable is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors: {unavailable}")
+    reason = reason_of(backend)
+    if reason is None:
+        return backend
+    _warn_once(
+        (name, reason),
+        f"fused_resnet: backend {name!r} does not support this {what} ({reason}); "
+        "computing it with the reference 'torch' backend instead",
+    )
+    return reference
+
+
+def select_conv(name, x, weight, bias, residual, stride, padding, dilation, groups) -> ModuleType:
+    return _select(
+        name,
+        x.device,
+        "convolution",
+        lambda b: b.conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups),
+    )
+
+
+def select_add_relu(name, x, y) -> ModuleType:
+    return _select(name, x.device, "add_relu", lambda b: b.add_relu_unsupported_reason(x, y))

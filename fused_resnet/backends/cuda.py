@@ -1,0 +1,149 @@
+"""The CUDA C++ backend: kernels compiled from csrc/ into fused_resnet._C.
+
+The extension registers the operators torch.ops.fused_resnet_C.* (schemas in csrc/fused_resnet.cpp):
+
+    add_relu(x, y) / add_relu_out(x, y, out)                    relu(x + y); CPU and CUDA kernels
+    conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, relu, config=-1)
+    conv2d_bias_act_out(..., relu, config, out)                 CUTLASS implicit-GEMM conv, CUDA only
+    conv2d_configs()                                            names of the conv kernels
+
+`config` picks a conv kernel by its index in conv2d_configs() (-1: a heuristic picks per layer),
+so that an autotuner can time each one. This module adds the fake (meta) implementations of those
+operators, so that torch.compile and torch.export can trace code that calls them.
+
+The extension is optional: without it (no CUDA toolkit at install time) the package still imports
+and this backend reports why it cannot run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fused_resnet.validation import check_add_relu, check_conv, conv_output_size
+
+NAME = "cuda"
+
+try:
+    from fused_resnet import _C  # noqa: F401  (loading it registers the fused_resnet_C ops)
+
+    _LOAD_ERROR = None
+except ImportError as error:  # not built, or built against another torch
+    _C = None
+    _LOAD_ERROR = error
+
+# Names of the compiled conv kernels; empty when the extension was built without CUTLASS.
+CONV_CONFIGS: tuple[str, ...] = tuple(torch.ops.fused_resnet_C.conv2d_configs()) if _C is not None else ()
+
+# The kernels read and write 16 bytes (8 half-precision values) of output channels at a time, and
+# the activation iterators keep per-filter-tap masks in 32-bit words.
+_OUT_CHANNEL_MULTIPLE = 8
+_MAX_KERNEL_SIZE = 32
+# CUTLASS indexes each tensor with 32-bit offsets: every operand must stay below 2 GiB.
+_MAX_TENSOR_BYTES = 2**31
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if _C is None:
+        return (
+            f"the CUDA C++ extension fused_resnet._C is not built ({_LOAD_ERROR}); "
+            "reinstall with nvcc on the PATH: pip install --no-build-isolation -e ."
+        )
+    if device.type != "cuda":
+        return "its kernels run on CUDA tensors only"
+    return None
+
+
+def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+    if not CONV_CONFIGS:
+        return "this build of fused_resnet._C has no conv kernels (the CUTLASS headers were missing at build time)"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"its tensor-core conv kernels take float16 and bfloat16, not {x.dtype}"
+    if groups != 1:
+        return f"grouped convolution (groups={groups}) is not implemented in the CUTLASS conv kernels"
+    cout, cin, r, s = weight.shape
+    if cin == 0:
+        return "the input has no channels"
+    if cout % _OUT_CHANNEL_MULTIPLE:
+        return f"{cout} output channels: the kernels need a multiple of {_OUT_CHANNEL_MULTIPLE}"
+    if r > _MAX_KERNEL_SIZE or s > _MAX_KERNEL_SIZE:
+        return f"a {r}x{s} kernel: the kernels take at most {_MAX_KERNEL_SIZE}x{_MAX_KERNEL_SIZE}"
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if major < 8:
+        return f"its tensor-core kernels need compute capability 8.0 or newer, {x.device} has {major}.{minor}"
+    n, _, h, w = x.shape
+    channels = -(-cin // 8) * 8  # the extension zero-pads input channels to a multiple of 4 or 8
+    oh = conv_output_size(h, r, stride[0], padding[0], dilation[0])
+    ow = conv_output_size(w, s, stride[1], padding[1], dilation[1])
+    largest = max(n * h * w * channels, cout * r * s * channels, n * cout * oh * ow) * x.element_size()
+    if largest >= _MAX_TENSOR_BYTES:
+        return f"an operand of {largest} bytes: the kernels index tensors with 32-bit offsets (below 2 GiB)"
+    return None
+
+
+# Channels-last (KRSC) copies of weights given in another layout, made once per weight version
+# rather than once per call. Entries go away with their weight tensor.
+_krsc_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _krsc(weight: torch.Tensor) -> torch.Tensor:
+    if weight.is_contiguous(memory_format=torch.channels_last) or weight.is_inference():
+        # Already KRSC in memory, or an inference tensor (no version counter to key a cache on):
+        # the extension converts it itself.
+        return weight
+    cached = _krsc_cache.get(weight)
+    if cached is not None and cached[0] == weight._version:
+        return cached[1]
+    converted = weight.contiguous(memory_format=torch.channels_last)
+    _krsc_cache[weight] = (weight._version, converted)
+    return converted
+
+
+def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu, config: int = -1) -> None:
+    """See fused_resnet.backends; `config` picks the kernel (an index into CONV_CONFIGS, -1: heuristic)."""
+    torch.ops.fused_resnet_C.conv2d_bias_act_out(
+        x, _krsc(weight), bias, residual, stride, padding, dilation, relu, config, out
+    )
+
+
+def add_relu_unsupported_reason(x, y) -> str | None:
+    return None
+
+
+def add_relu(out, x, y) -> None:
+    torch.ops.fused_resnet_C.add_relu_out(x, y, out)
+
+
+def _register_fakes() -> None:
+    """Fake implementations of the fused_resnet_C ops: output metadata only, no data."""
+
+    @torch.library.register_fake("fused_resnet_C::add_relu")
+    def _(x, y):
+        check_add_relu(x, y)
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("fused_resnet_C::add_relu_out")
+    def _(x, y, out):
+        check_add_relu(x, y)
+        _check_out(out, tuple(x.shape), x)
+
+    @torch.library.register_fake("fused_resnet_C::conv2d_bias_act")
+    def _(x, weight, bias, residual, stride, padding, dilation, relu, config=-1):
+        shape = check_conv(x, weight, bias, residual, stride, padding, dilation, 1)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fused_resnet_C::conv2d_bias_act_out")
+    def _(x, weight, bias, residual, stride, padding, dilation, relu, config, out):
+        _check_out(out, check_conv(x, weight, bias, residual, stride, padding, dilation, 1), x)
+
+
+def _check_out(out, shape, x) -> None:
+    if tuple(out.shape) != tuple(shape) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out is a {tuple(out.shape)} {out.dtype} tensor on {out.device}; "
+            f"expected {tuple(shape)} {x.dtype} on {x.device}"
+        )
+
+
+if _C is not None:
+    _register_fakes()

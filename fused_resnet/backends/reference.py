@@ -1,0 +1,33 @@
+"""The reference backend: plain PyTorch ops, on any device. Every other backend is checked against it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "torch"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    return None
+
+
+def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+    return None
+
+
+def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> None:
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        y = y.add_(residual)
+    if relu:
+        y = y.relu_()
+    out.copy_(y)
+
+
+def add_relu_unsupported_reason(x, y) -> str | None:
+    return None
+
+
+def add_relu(out, x, y) -> None:
+    torch.add(x, y, out=out).relu_()

@@ -1,0 +1,384 @@
+"""conv2d + bias (+ residual) (+ ReLU) as one Triton implicit-GEMM kernel over channels_last data.
+
+The convolution is a GEMM that is never materialised:
+
+    out[m, co] = sum_k  A[m, k] * B[k, co]       m  = (image, oh, ow)      M = N * OH * OW
+                                                  co = output channel      per group: Cout / groups
+                                                  k  = (r, s, c)           K = R * S * Cin / groups
+
+A[m, k] is gathered from the NHWC input on the fly (zero where the tap falls into the padding), B is
+the weight arranged as (Cout, R, S, Cin / groups), so that both operands are K-major: channels are
+the contiguous dimension of the input, and K-major operands are what the tensor cores read for every
+dtype (tf32 included). The fp32 accumulator gets the epilogue in registers (+ bias, + residual, ReLU)
+and is cast and stored once: no intermediate tensor between the convolution and the epilogue.
+
+Groups are the second grid axis; the tiles of a program lie inside one group, so a grouped conv
+(ResNeXt) costs no tile that mixes groups, and a group's K loop runs only over its own channels.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from ...validation import conv_output_size
+
+_INT32_MAX = 2**31 - 1
+# CUDA allows at most 65535 blocks along the second grid axis, which holds the groups.
+_MAX_GROUPS = 65535
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _round_to_tf32(v):
+    # Tensor cores read only the top 10 mantissa bits of an fp32 operand, i.e. they truncate.
+    # cuDNN rounds to nearest instead; truncation is biased and several times less accurate on long
+    # sums, so round here (ties away from zero, like cvt.rna.tf32.f32). NaN is kept as is.
+    bits = v.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return tl.where(v == v, rounded, v)
+
+
+@triton.jit
+def _mma(a, b, acc, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if UPCAST:
+        # The interpreter (triton 3.8) multiplies bfloat16 operands as their raw 16-bit patterns.
+        # Upcasting is exact (products of bf16 values fit in fp32), so results equal the GPU's.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if ROUND_TF32:
+        a = _round_to_tf32(a)
+        b = _round_to_tf32(b)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _conv_kernel(
+    x_ptr,  # (N, H, W, C) dense: the input in channels_last
+    w_ptr,  # (Cout, R, S, Cin / groups) dense
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    M,
+    H,
+    W,
+    C,
+    OH,
+    OW,
+    CIN_G,
+    COUT_G,
+    K_TOTAL,  # R * S * CIN_G
+    STRIDE_H,
+    STRIDE_W,
+    PAD_H,
+    PAD_W,
+    DIL_H,
+    DIL_W,
+    stride_bias,
+    stride_rn,
+    stride_rc,
+    stride_rh,
+    stride_rw,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    KERNEL_H: tl.constexpr,
+    KERNEL_W: tl.constexpr,
+    PLAIN_GEMM: tl.constexpr,  # 1x1, stride 1, no padding: every tap is inside the image
+    FLAT_K: tl.constexpr,  # walk K as one flat range (few channels per group) instead of tap by tap
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Consecutive programs share B tiles: visit GROUP_M row tiles per column of tiles (L2 reuse).
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
+    pids_per_band = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_band) * GROUP_M
+    band_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_band) % band_m
+    pid_n = (pid % pids_per_band) // band_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < COUT_G
+
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    img = offs_m // (OH * OW)
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    # 64-bit image offsets (a batch may exceed 2**31 elements); offsets inside one image are 32-bit,
+    # which conv_unsupported_reason guarantees.
+    x_img = x_ptr + img.to(tl.int64) * H * W * C + group * CIN_G
+    w_rows = w_ptr + (group * COUT_G + offs_n).to(tl.int64) * K_TOTAL
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        # k -> (r, s, c) per column: 2-D address math, but no K padding when CIN_G is tiny
+        # (the stem's 3 channels, ResNeXt's 4 or 8 channels per group).
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < K_TOTAL
+            c = k % CIN_G
+            tap = k // CIN_G
+            ih = ih0[:, None] + ((tap // KERNEL_W) * DIL_H)[None, :]
+            iw = iw0[:, None] + ((tap % KERNEL_W) * DIL_W)[None, :]
+            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_img[:, None] + (ih * W + iw) * C + c[None, :], mask=a_ok, other=0.0)
+            b = tl.load(w_rows[None, :] + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, ROUND_TF32, UPCAST, INPUT_PRECISION)
+    else:
+        # One tap (r, s) and BLOCK_K channels per step: the tap is a scalar, so the per-step
+        # address math is one vector over rows, not a BLOCK_M x BLOCK_K tile of divisions.
+        a_rows = x_img + (ih0 * W + iw0) * C  # may point into the padding: masked below
+        k_tiles = tl.cdiv(CIN_G, BLOCK_K)
+        for t in range(0, KERNEL_H * KERNEL_W * k_tiles):
+            tap = t // k_tiles
+            c = (t - tap * k_tiles) * BLOCK_K + offs_k
+            c_ok = c < CIN_G
+            r = tap // KERNEL_W
+            s = tap % KERNEL_W
+            if PLAIN_GEMM:
+                row_ok = m_ok
+            else:
+                ih = ih0 + r * DIL_H
+                iw = iw0 + s * DIL_W
+                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_cols = (r * DIL_H * W + s * DIL_W) * C + c
+            a = tl.load(a_rows[:, None] + a_cols[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_rows[None, :] + (tap * CIN_G + c)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, ROUND_TF32, UPCAST, INPUT_PRECISION)
+
+    co = group * COUT_G + offs_n
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    img64 = img.to(tl.int64)
+    co64 = co.to(tl.int64)
+    if HAS_RESIDUAL:
+        res_rows = res_ptr + img64 * stride_rn + oh.to(tl.int64) * stride_rh + ow.to(tl.int64) * stride_rw
+        acc += tl.load(res_rows[:, None] + co64[None, :] * stride_rc, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
+    out_rows = out_ptr + img64 * stride_on + oh.to(tl.int64) * stride_oh + ow.to(tl.int64) * stride_ow
+    tl.store(out_rows[:, None] + co64[None, :] * stride_oc, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _pow2_at_least(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(max(n, 1)))
+
+
+def _k_step(flat_k: bool, k_total: int, cin_g: int) -> int:
+    """How many K columns one step of the kernel's loop can use."""
+    return k_total if flat_k else cin_g
+
+
+# Tiles for Hopper: 128x128/128x256 with 8 warps fill the wgmma units on large layers; the narrow
+# and short ones serve late layers (small M), grouped layers (small Cout per group) and batch 1.
+_SHARED_MEMORY_BYTES = 220 * 1024
+_TUNING_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+    for bm, bn, bk, warps, stages in (
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 32, 64, 4, 4),
+        (64, 32, 64, 4, 4),
+        (32, 64, 64, 4, 4),
+        (128, 16, 64, 4, 3),
+        (64, 16, 32, 4, 3),
+    )
+]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Shrinks each tile to the problem (no 256-wide tile for 16 channels), then drops duplicates
+    and tiles whose pipeline would not fit in shared memory (the smallest tile always fits)."""
+    args = {**named_args, **kwargs}
+    m_cap = _pow2_at_least(args["M"])
+    n_cap = _pow2_at_least(args["COUT_G"])
+    k_cap = _pow2_at_least(_k_step(args["FLAT_K"], args["K_TOTAL"], args["CIN_G"]))
+    element_size = args["x_ptr"].element_size()
+    kept = {}
+    for config in configs:
+        bm = min(config.kwargs["BLOCK_M"], m_cap)
+        bn = min(config.kwargs["BLOCK_N"], n_cap)
+        bk = min(config.kwargs["BLOCK_K"], k_cap)
+        if config.num_stages * (bm + bn) * bk * element_size > _SHARED_MEMORY_BYTES:
+            continue
+        warps = config.num_warps if bm * bn >= 128 * 64 else 4
+        key = (bm, bn, bk, warps, config.num_stages)
+        kept.setdefault(
+            key, triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=config.num_stages)
+        )
+    return list(kept.values())
+
+
+_conv_kernel_tuned = triton.autotune(
+    configs=_TUNING_CONFIGS,
+    # Everything that shapes the layer; the autotuner adds the dtypes of the tensor arguments.
+    key=["M", "H", "W", "C", "OH", "OW", "CIN_G", "COUT_G", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W",
+         "DIL_H", "DIL_W", "KERNEL_H", "KERNEL_W"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
+)(_conv_kernel)
+
+
+def _kernel_and_meta(M: int, cout_g: int, k_step: int):
+    """The kernel to launch and the meta-parameters the call must pass.
+
+    Under TRITON_INTERPRET=1 every program runs in Python, so benchmarking configs would take
+    minutes and means nothing: use one config, with blocks as large as the problem allows
+    (fewer programs and loop steps), capped so that the tests still cross tile boundaries.
+    """
+    if _interpreting():
+        meta = {
+            "BLOCK_M": min(_pow2_at_least(M), 64),
+            "BLOCK_N": min(_pow2_at_least(cout_g), 32),
+            "BLOCK_K": min(_pow2_at_least(k_step), 32),
+            "num_warps": 4,
+            "num_stages": 1,
+        }
+        return _conv_kernel, meta
+    return _conv_kernel_tuned, {}
+
+
+# Arranged weights, for weights that are not channels_last already (see gemm_weight).
+_ARRANGED_CAPACITY = 256
+_arranged: OrderedDict = OrderedDict()
+
+
+def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the kernel's B operand: (Cout, R, S, Cin / groups), dense.
+
+    A channels_last weight already is that, as a view: no copy. Any other weight is copied once and
+    the copy is cached, so a model that keeps NCHW weights does not re-arrange them on every call.
+    The key holds the version counter (an in-place update misses) and the entry a weak reference to
+    the weight itself: a new tensor that happens to reuse a freed weight's address must miss too.
+    Inference tensors have no version counter, so they are re-arranged on every call.
+    """
+    arranged = weight.detach().permute(0, 2, 3, 1)  # a cached copy must not hold an autograd graph
+    if arranged.is_contiguous():
+        return arranged
+    if weight.is_inference():
+        return arranged.contiguous()
+    key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), weight.dtype, weight.device)
+    hit = _arranged.get(key)
+    if hit is not None and hit[0]() is weight:
+        _arranged.move_to_end(key)
+        return hit[1]
+    arranged = arranged.contiguous()
+    _arranged[key] = (weakref.ref(weight), arranged)
+    if len(_arranged) > _ARRANGED_CAPACITY:
+        _arranged.popitem(last=False)
+    return arranged
+
+
+def use_tf32(x: torch.Tensor) -> bool:
+    """fp32 convolutions follow eager PyTorch: TF32 tensor cores on CUDA when cuDNN may use them."""
+    if x.dtype != torch.float32 or not x.is_cuda:
+        return False
+    try:
+        return torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # raised once the legacy flag and the per-op flags were set apart
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def unsupported_reason(x, weight, stride, padding, dilation, groups) -> str | None:
+    if x.dtype == torch.float64:
+        return "float64 is computed by the reference backend"
+    if groups > _MAX_GROUPS:
+        return f"groups={groups} is more than the {_MAX_GROUPS} the launch grid can hold"
+    n, c, h, w = x.shape
+    if h * w * c > _INT32_MAX:
+        return "one image of the input has more than 2**31 - 1 elements"
+    oh = conv_output_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
+    ow = conv_output_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
+    if n * oh * ow > _INT32_MAX - 256:  # row indices are 32-bit, up to one tile past the end
+        return "the output has more than 2**31 - 257 pixels (N * OH * OW)"
+    if x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "bfloat16 tensor-core products need compute capability 8.0 or newer"
+    return None
+
+
+def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> None:
+    # A fused network passes channels_last already, so this is free there.
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = gemm_weight(weight)
+    n, c, h, wid = x.shape
+    cout, cin_g, r, s = weight.shape
+    oh, ow = out.shape[2], out.shape[3]
+    m = n * oh * ow
+    cout_g = cout // groups
+    plain_gemm = r == 1 and s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+    # The tap-by-tap loop pads each step's channels up to BLOCK_K (>= 16); with fewer channels
+    # per group than that, a flat walk over all of K wastes less of each tensor-core step.
+    flat_k = r * s > 1 and cin_g % 16 != 0
+    tf32 = use_tf32(x)
+    kernel, meta = _kernel_and_meta(m, cout_g, _k_step(flat_k, r * s * cin_g, cin_g))
+
+    def grid(config):
+        return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cout_g, config["BLOCK_N"]), groups)
+
+    kernel[grid](
+        x,
+        w,
+        x if bias is None else bias,
+        x if residual is None else residual,
+        out,
+        m,
+        h,
+        wid,
+        c,
+        oh,
+        ow,
+        cin_g,
+        cout_g,
+        r * s * cin_g,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        0 if bias is None else bias.stride(0),
+        *((0, 0, 0, 0) if residual is None else residual.stride()),
+        *out.stride(),
+        KERNEL_H=r,
+        KERNEL_W=s,
+        PLAIN_GEMM=plain_gemm,
+        FLAT_K=flat_k,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        RELU=relu,
+        ROUND_TF32=tf32,
+        UPCAST=_interpreting() and x.dtype == torch.bfloat16,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 and not tf32 else "tf32",
+        GROUP_M=8,
+        **meta,
+    )

@@ -1,0 +1,70 @@
+"""Folding an eval-mode BatchNorm into the convolution before it.
+
+    s  = gamma / sqrt(running_var + eps)
+    W' = W * s[:, None, None, None]
+    b' = beta + (b_conv - running_mean) * s
+
+computed in float64 (so a running_var near 0 or huge neither overflows nor loses digits), then cast
+to the conv weight's dtype. The modules are only read, never modified.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+BN_TYPES = (_BatchNorm, FrozenBatchNorm2d)
+
+
+def _float64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.Module | None = None, *, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """The (weight, bias) of one conv that computes bn(conv(x)) in eval mode, in `dtype` (default: the
+    conv weight's dtype), rounded once from float64.
+
+    `bn` may be any torch BatchNorm (affine or not) or torchvision's FrozenBatchNorm2d, or None
+    (the conv's own weight, and its bias or zeros). Refuses a BN in training mode or one without
+    running statistics: there is no fixed affine map to fold then.
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"fold_bn expects an nn.Conv2d, got {type(conv).__name__}")
+    weight = conv.weight.detach()
+    dtype = dtype or weight.dtype
+    if bn is None:
+        bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
+        return weight.to(dtype, copy=True), bias.to(dtype, copy=True)
+    if not isinstance(bn, BN_TYPES):
+        raise TypeError(
+            f"fold_bn expects a BatchNorm module or torchvision FrozenBatchNorm2d, got {type(bn).__name__}"
+        )
+    if isinstance(bn, _BatchNorm):
+        if bn.training:
+            raise ValueError(
+                f"{type(bn).__name__} is in training mode, where it normalises with batch statistics; "
+                "call model.eval() before folding or fusing"
+            )
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"{type(bn).__name__} was built with track_running_stats=False and has no running "
+                "statistics to fold; only BatchNorm with running statistics can be folded"
+            )
+    if bn.running_mean.shape != (conv.out_channels,):
+        raise ValueError(
+            f"the conv has {conv.out_channels} output channels but the BatchNorm has "
+            f"{bn.running_mean.shape[0]} features"
+        )
+    folded_weight, folded_bias = fuse_conv_bn_weights(
+        _float64(weight),
+        _float64(conv.bias),
+        _float64(bn.running_mean),
+        _float64(bn.running_var),
+        bn.eps,
+        _float64(getattr(bn, "weight", None)),
+        _float64(getattr(bn, "bias", None)),
+    )
+    return folded_weight.detach().to(dtype), folded_bias.detach().to(dtype)

@@ -1,0 +1,222 @@
+"""Drop-in modules: a conv with its BatchNorm folded in, and the ResNet blocks built from it.
+
+Every module here computes the eval-mode function of the modules it replaces. BatchNorm is folded
+into fixed weights, so `.train()` cannot bring back batch statistics: a fused model in training
+mode computes exactly what it computes in eval mode (like a network with frozen BatchNorm), and
+its folded weights and biases stay trainable. `.train()` warns once to say so.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from . import backends, ops
+from .fold import BN_TYPES, fold_bn
+
+_TRAIN_MESSAGE = (
+    "fused_resnet modules have their BatchNorm folded into the conv weights: in training mode they "
+    "still use the folded running statistics (frozen BatchNorm), never batch statistics"
+)
+_warned_train = False
+
+
+class FusedConv2d(nn.Module):
+    """act(conv2d(x, weight) + bias [+ residual]); act is ReLU when `relu`, else the identity."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        relu: bool = True,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        backends.check_name(backend)
+        r, s = nn.modules.utils._pair(kernel_size)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = (r, s)
+        self.stride = nn.modules.utils._pair(stride)
+        self.padding = nn.modules.utils._pair(padding)
+        self.dilation = nn.modules.utils._pair(dilation)
+        self.relu = relu
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, r, s, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+
+    @classmethod
+    def from_conv_bn(
+        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, relu: bool, backend: str = "auto", dtype=None
+    ):
+        """The conv, with `bn` (if any) folded in, followed by ReLU if `relu`. Neither module is modified.
+
+        `dtype` (default: the conv's) is the dtype of the folded weights, rounded once from float64."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(
+                f"only numeric zero padding is supported, got padding={conv.padding!r}, "
+                f"padding_mode={conv.padding_mode!r}"
+            )
+        weight, bias = fold_bn(conv, bn, dtype=dtype)
+        fused = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            relu=relu,
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            fused.weight.copy_(weight)
+            fused.bias.copy_(bias)
+        return fused
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return ops.conv2d_bias_act(
+            x,
+            self.weight,
+            self.bias,
+            residual,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            relu=self.relu,
+            backend=self.backend,
+        )
+
+    def train(self, mode: bool = True):
+        global _warned_train
+        if mode and not _warned_train:
+            _warned_train = True
+            warnings.warn(_TRAIN_MESSAGE, stacklevel=2)
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"bias={self.bias is not None}, relu={self.relu}, backend={self.backend!r}"
+        )
+
+
+def fuse_downsample(downsample: nn.Module | None, backend: str, dtype=None) -> nn.Module | None:
+    """A block's shortcut: torchvision's Sequential(conv 1x1, BN) becomes one FusedConv2d without ReLU.
+
+    Any other shortcut is kept as it is (a copy), so the block still computes the same function.
+    """
+    if downsample is None:
+        return None
+    parts = list(downsample.children()) if isinstance(downsample, nn.Sequential) else []
+    if len(parts) == 2 and isinstance(parts[0], nn.Conv2d) and isinstance(parts[1], BN_TYPES):
+        return FusedConv2d.from_conv_bn(parts[0], parts[1], relu=False, backend=backend, dtype=dtype)
+    warnings.warn(
+        f"fused_resnet: shortcut {type(downsample).__name__} is not a (conv, BatchNorm) pair; kept unfused",
+        stacklevel=3,
+    )
+    return copy.deepcopy(downsample).to(dtype)
+
+
+class FusedBasicBlock(nn.Module):
+    """torchvision's BasicBlock as two fused convs; the residual add and ReLU run in conv2's epilogue."""
+
+    def __init__(self, conv1: FusedConv2d, conv2: FusedConv2d, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1, self.conv2, self.downsample = conv1, conv2, downsample
+
+    @classmethod
+    def from_block(cls, block: BasicBlock, backend: str = "auto", dtype=None) -> FusedBasicBlock:
+        return cls(
+            FusedConv2d.from_conv_bn(block.conv1, block.bn1, relu=True, backend=backend, dtype=dtype),
+            FusedConv2d.from_conv_bn(block.conv2, block.bn2, relu=True, backend=backend, dtype=dtype),
+            fuse_downsample(block.downsample, backend, dtype),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.conv2(self.conv1(x), residual=identity)
+
+
+class FusedBottleneck(nn.Module):
+    """torchvision's Bottleneck (v1.5: stride on the 3x3) as three fused convs; add + ReLU in conv3's epilogue."""
+
+    def __init__(
+        self, conv1: FusedConv2d, conv2: FusedConv2d, conv3: FusedConv2d, downsample: nn.Module | None = None
+    ):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3, self.downsample = conv1, conv2, conv3, downsample
+
+    @classmethod
+    def from_block(cls, block: Bottleneck, backend: str = "auto", dtype=None) -> FusedBottleneck:
+        return cls(
+            FusedConv2d.from_conv_bn(block.conv1, block.bn1, relu=True, backend=backend, dtype=dtype),
+            FusedConv2d.from_conv_bn(block.conv2, block.bn2, relu=True, backend=backend, dtype=dtype),
+            FusedConv2d.from_conv_bn(block.conv3, block.bn3, relu=True, backend=backend, dtype=dtype),
+            fuse_downsample(block.downsample, backend, dtype),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.conv3(self.conv2(self.conv1(x)), residual=identity)
+
+
+def fuse_block(block: nn.Module, backend: str = "auto", dtype=None) -> nn.Module:
+    """The fused twin of a torchvision BasicBlock or Bottleneck."""
+    if isinstance(block, BasicBlock):
+        return FusedBasicBlock.from_block(block, backend, dtype)
+    if isinstance(block, Bottleneck):
+        return FusedBottleneck.from_block(block, backend, dtype)
+    raise TypeError(f"expected a torchvision BasicBlock or Bottleneck, got {type(block).__name__}")
+
+
+class FusedResNet(nn.Module):
+    """A whole torchvision ResNet: fused stem (conv + BN + ReLU), maxpool, fused stages, avgpool + fc.
+
+    The input is cast to the model's dtype and converted to channels_last once, at the entry; every
+    fused conv then reads and writes channels_last.
+    """
+
+    def __init__(self, conv1: FusedConv2d, maxpool: nn.Module, layers: list[nn.Sequential], avgpool, fc):
+        super().__init__()
+        self.conv1, self.maxpool = conv1, maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool, self.fc = avgpool, fc
+
+    @classmethod
+    def from_resnet(cls, model: ResNet, backend: str = "auto", dtype=None) -> FusedResNet:
+        layers = [
+            nn.Sequential(*(fuse_block(block, backend, dtype) for block in getattr(model, f"layer{i}")))
+            for i in range(1, 5)
+        ]
+        return cls(
+            FusedConv2d.from_conv_bn(model.conv1, model.bn1, relu=True, backend=backend, dtype=dtype),
+            copy.deepcopy(model.maxpool),
+            layers,
+            copy.deepcopy(model.avgpool),
+            copy.deepcopy(model.fc).to(dtype),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(dtype=self.conv1.weight.dtype, memory_format=torch.channels_last)
+        x = self.maxpool(self.conv1(x))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -1,0 +1,156 @@
+"""The fused ops, registered through torch.library so that autograd, torch.compile and torch.export see them.
+
+    conv2d_bias_act(x, weight, bias, residual) = act(conv2d(x, weight) + bias + residual)
+    add_relu(x, y)                             = relu(x + y)
+
+Each op validates its arguments, picks a backend (see fused_resnet.backends) and lets it write a
+freshly allocated output. The conv output is always channels_last: the fused network converts its
+input once at the entry and stays in that layout between layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .validation import check_add_relu, check_conv, pair
+
+# When True, outputs are filled with NaN before a backend writes them, so an element a kernel
+# forgets to write shows up as NaN downstream. For tests and debugging; it costs a fill per op.
+POISON_OUTPUTS = False
+
+
+def _new_output(x: Tensor, shape) -> Tensor:
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+@torch.library.custom_op("fused_resnet::conv2d_bias_act", mutates_args=())
+def _conv2d_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+    backend: str,
+) -> Tensor:
+    backends.check_name(backend)
+    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+    out = _new_output(x, shape)
+    if out.numel():
+        chosen = backends.select_conv(backend, x, weight, bias, residual, stride, padding, dilation, groups)
+        chosen.conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    return out
+
+
+@_conv2d_bias_act.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
+    backends.check_name(backend)
+    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, dilation, groups, relu, _ = inputs
+    ctx.save_for_backward(x, weight, output if relu else None)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+
+
+def _conv_backward(ctx, grad):
+    x, weight, output = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    if output is not None:
+        grad = grad * (output > 0)
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    grad_x = grad_w = None
+    if need_x or need_w:
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
+        )
+    grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
+    grad_r = grad if ctx.has_residual and need_r else None
+    return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None
+
+
+_conv2d_bias_act.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+@torch.library.custom_op("fused_resnet::add_relu", mutates_args=())
+def _add_relu(x: Tensor, y: Tensor, backend: str) -> Tensor:
+    backends.check_name(backend)
+    check_add_relu(x, y)
+    out = torch.empty_like(x)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    if out.numel():
+        backends.select_add_relu(backend, x, y).add_relu(out, x, y)
+    return out
+
+
+@_add_relu.register_fake
+def _(x, y, backend):
+    backends.check_name(backend)
+    check_add_relu(x, y)
+    return torch.empty_like(x)
+
+
+def _add_relu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _add_relu_backward(ctx, grad):
+    (output,) = ctx.saved_tensors
+    grad = grad * (output > 0)
+    return grad, grad, None
+
+
+_add_relu.register_autograd(_add_relu_backward, setup_context=_add_relu_setup_context)
+
+
+def conv2d_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    relu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual), act = ReLU if `relu`.
+
+    `x` may be NCHW or channels_last with any strides; the result is channels_last.
+    `backend` is "torch", "triton", "cuda" or "auto".
+    """
+    return _conv2d_bias_act(
+        x,
+        weight,
+        bias,
+        residual,
+        pair(stride, "stride"),
+        pair(padding, "padding"),
+        pair(dilation, "dilation"),
+        groups,
+        relu,
+        backend,
+    )
+
+
+def add_relu(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor:
+    """relu(x + y) for two tensors of one shape, dtype and device."""
+    return _add_relu(x, y, backend)

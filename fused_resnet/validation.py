@@ -1,0 +1,93 @@
+"""Argument checks for the fused ops, run before any backend sees the tensors.
+
+Each failure is a ValueError/TypeError that names the argument, what it was and what is supported,
+so that a bad call never reaches a kernel (where it could crash or read out of bounds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_NAMES = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+
+
+def pair(value, name: str) -> list[int]:
+    """An int or a pair of ints as a list of two ints."""
+    if isinstance(value, bool) or not isinstance(value, (int, Sequence, torch.SymInt)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, (int, torch.SymInt)):
+        return [value, value]
+    if isinstance(value, str) or len(value) != 2 or not all(isinstance(v, (int, torch.SymInt)) for v in value):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return list(value)
+
+
+def _check_tensor(t: torch.Tensor, name: str, like: torch.Tensor | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are {_DTYPE_NAMES}")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the input x has dtype {like.dtype}; they must match")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but the input x is on {like.device}; they must be on one device")
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def check_conv(x, weight, bias, residual, stride, padding, dilation, groups) -> tuple[int, int, int, int]:
+    """Validates a conv2d_bias_act call and returns the output shape (N, Cout, OH, OW)."""
+    _check_tensor(x, "x")
+    _check_tensor(weight, "weight", like=x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be a 4-D (Cout, Cin/groups, R, S) tensor, got shape {tuple(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    for name, values, least in (("stride", stride, 1), ("dilation", dilation, 1), ("padding", padding, 0)):
+        if len(values) != 2 or any(v < least for v in values):
+            kind = "positive" if least else "non-negative"
+            raise ValueError(f"{name} must be a pair of {kind} ints, got {list(values)}")
+    n, c, h, w = x.shape
+    cout, cin_per_group, r, s = weight.shape
+    if c != cin_per_group * groups:
+        raise ValueError(
+            f"x has {c} channels but weight of shape {tuple(weight.shape)} with groups={groups} "
+            f"expects {cin_per_group * groups} (= weight.shape[1] * groups)"
+        )
+    if cout % groups != 0:
+        raise ValueError(f"weight has {cout} output channels, which groups={groups} does not divide")
+    if cout == 0 or r == 0 or s == 0:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} is empty")
+    oh = conv_output_size(h, r, stride[0], padding[0], dilation[0])
+    ow = conv_output_size(w, s, stride[1], padding[1], dilation[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"kernel {r}x{s} with dilation {list(dilation)} is larger than the padded input "
+            f"({h}x{w} with padding {list(padding)}): the output would be empty"
+        )
+    if bias is not None:
+        _check_tensor(bias, "bias", like=x)
+        if tuple(bias.shape) != (cout,):
+            raise ValueError(f"bias must have shape ({cout},) to match weight, got {tuple(bias.shape)}")
+    if residual is not None:
+        _check_tensor(residual, "residual", like=x)
+        if tuple(residual.shape) != (n, cout, oh, ow):
+            raise ValueError(
+                f"residual must have the output's shape {(n, cout, oh, ow)}, got {tuple(residual.shape)}"
+            )
+    return n, cout, oh, ow
+
+
+def check_add_relu(x, y) -> None:
+    _check_tensor(x, "x")
+    _check_tensor(y, "y", like=x)
+    if x.shape != y.shape:
+        raise ValueError(f"add_relu needs x and y of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")

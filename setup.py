@@ -1,0 +1,95 @@
+"""Builds fused_resnet, and its CUDA C++ extension fused_resnet._C when a CUDA toolkit is found.
+
+    pip install --no-build-isolation -e .
+
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0"). Without nvcc the pure-Python
+package is installed, and backend="cuda" explains that the extension was not built.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ext_modules = []
+cmdclass = {}
+
+
+def _cutlass_include_dir():
+    """The CUTLASS headers shipped in the nvidia-cutlass package (cutlass_library/source/include), or None."""
+    try:
+        import cutlass_library
+    except ImportError:
+        return None
+    include = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    return include if os.path.isfile(os.path.join(include, "cutlass", "cutlass.h")) else None
+
+
+def _has_cuda_headers(home):
+    return os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+# torch guesses CUDA_HOME as the parent of the directory holding the nvcc on the PATH. When that
+# nvcc is a wrapper outside the toolkit (e.g. /usr/local/bin/nvcc) the guess has no CUDA headers;
+# then use the standard toolkit location instead.
+_nvcc = shutil.which("nvcc")
+if (
+    "CUDA_HOME" not in os.environ
+    and "CUDA_PATH" not in os.environ
+    and _nvcc is not None
+    and not _has_cuda_headers(os.path.dirname(os.path.dirname(_nvcc)))
+    and _has_cuda_headers("/usr/local/cuda")
+):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+except ImportError:  # torch must be installed first; the build needs its headers
+    torch = None
+    CUDA_HOME = None
+
+if torch is not None and CUDA_HOME is not None and os.environ.get("FUSED_RESNET_SKIP_CUDA_BUILD") != "1":
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    include_dirs = []
+    defines = ["-DNDEBUG"]
+    cutlass_include = _cutlass_include_dir()
+    if cutlass_include is None:
+        sources = [s for s in sources if not os.path.basename(s).startswith("conv2d_")]
+        print("fused_resnet: CUTLASS headers not found (pip install nvidia-cutlass); building without the conv kernels")
+    else:
+        include_dirs.append(cutlass_include)
+        defines.append("-DFUSED_RESNET_WITH_CUTLASS")
+    ext_modules.append(
+        CUDAExtension(
+            name="fused_resnet._C",
+            sources=sources,
+            include_dirs=include_dirs,
+            extra_compile_args={
+                "cxx": ["-O3", "-std=c++20", *defines],
+                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", *defines],
+            },
+            py_limited_api=False,
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+else:
+    print("fused_resnet: no CUDA toolkit (nvcc) found; installing without the CUDA C++ extension")
+
+setup(
+    name="fused_resnet",
+    version="0.1.0",
+    description="Fused conv + BatchNorm + ReLU (+ residual) kernels for ResNet inference in PyTorch",
+    packages=find_packages(include=["fused_resnet", "fused_resnet.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "torchvision"],
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime", "onnxscript"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["fused-resnet=fused_resnet.__main__:main"]},
+)

@@ -1,0 +1,34 @@
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors through its interpreter when there is no GPU. The variable is
+# read when triton is imported, so it is set here, before any test module imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fused_resnet.parity import randomize_bn_  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; run the GPU suite with: pytest -m gpu")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(0)
+
+
+def build_model(constructor, generator=None, **kwargs):
+    """A torchvision model in eval mode with randomised BatchNorm statistics."""
+    model = constructor(**kwargs).eval()
+    return randomize_bn_(model, generator)

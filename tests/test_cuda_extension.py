@@ -1,0 +1,468 @@
+"""The CUDA C++ extension fused_resnet._C: registration, CPU kernel, fake impls, machine code, GPU numerics.
+
+Without a GPU (CI): the extension imports, every fused_resnet_C op has its schema and kernels, the
+CPU add_relu is exact, opcheck passes on it, the fake impls give the right metadata for CUDA
+tensors, and the sm_90 machine code uses tensor cores. With a GPU (`-m gpu`): the CUTLASS convs
+and the CUDA add_relu against float64 references, with the parity rule of DESIGN.md.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fused_resnet import backends, ops
+from fused_resnet.backends import cuda as cuda_backend
+from fused_resnet.parity import FLOORS, parity
+
+pytestmark = pytest.mark.skipif(
+    cuda_backend._C is None, reason=f"fused_resnet._C is not built: {cuda_backend._LOAD_ERROR}"
+)
+
+C_OPS = torch.ops.fused_resnet_C if cuda_backend._C is not None else None
+NEEDS_CONV = pytest.mark.skipif(
+    not cuda_backend.CONV_CONFIGS, reason="fused_resnet._C was built without CUTLASS: no conv kernels"
+)
+
+
+class Reference:
+    """What the ops compute, in float64."""
+
+    @staticmethod
+    def conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, relu):
+        f64 = lambda t: None if t is None else t.double()  # noqa: E731
+        y = F.conv2d(f64(x), f64(weight), f64(bias), stride, padding, dilation)
+        if residual is not None:
+            y = y + f64(residual)
+        return y.relu() if relu else y
+
+    @staticmethod
+    def eager_conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, relu):
+        """Unfused eager PyTorch in the inputs' own dtype: the baseline of the parity rule."""
+        y = F.conv2d(x, weight, bias, stride, padding, dilation)
+        if residual is not None:
+            y = y + residual
+        return y.relu() if relu else y
+
+    @staticmethod
+    def add_relu(x, y):
+        return torch.relu(x + y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration (CPU)
+# ---------------------------------------------------------------------------------------------
+
+SCHEMAS = {
+    "add_relu": "fused_resnet_C::add_relu(Tensor x, Tensor y) -> Tensor",
+    "add_relu_out": "fused_resnet_C::add_relu_out(Tensor x, Tensor y, Tensor(a!) out) -> ()",
+    "conv2d_bias_act": (
+        "fused_resnet_C::conv2d_bias_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+        "int[2] padding, int[2] dilation, bool relu, int config=-1) -> Tensor"
+    ),
+    "conv2d_bias_act_out": (
+        "fused_resnet_C::conv2d_bias_act_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool relu, int config, Tensor(a!) out) -> ()"
+    ),
+    "conv2d_configs": "fused_resnet_C::conv2d_configs() -> str[]",
+}
+
+
+def test_extension_imports():
+    import fused_resnet._C as extension
+
+    assert extension is cuda_backend._C
+    assert cuda_backend.unavailable_reason(torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_op_schema(name):
+    assert str(getattr(C_OPS, name).default._schema) == SCHEMAS[name]
+
+
+@pytest.mark.parametrize(
+    "name, keys",
+    [
+        ("add_relu", ("CPU", "CUDA")),
+        ("add_relu_out", ("CPU", "CUDA")),
+        pytest.param("conv2d_bias_act", ("CUDA",), marks=NEEDS_CONV),
+        pytest.param("conv2d_bias_act_out", ("CUDA",), marks=NEEDS_CONV),
+    ],
+)
+def test_op_kernels_registered(name, keys):
+    for key in keys:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet_C::{name}", key), (name, key)
+
+
+@NEEDS_CONV
+def test_conv_configs():
+    names = C_OPS.conv2d_configs()
+    assert tuple(names) == cuda_backend.CONV_CONFIGS
+    assert len(set(names)) == len(names)
+    assert sum(name.startswith("optimized_") for name in names) >= 2  # a large and a small tile at least
+    assert any(name.startswith("few_channels_") for name in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# add_relu on CPU: exact, any strides, NaN propagates
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_relu_inputs(dtype, shape, layout, generator, device="cpu"):
+    x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    y = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = y.contiguous(memory_format=torch.channels_last)
+    elif layout == "mixed":  # y laid out differently from x
+        y = y.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # a non-contiguous view
+        x = torch.cat([x, y], dim=-1)[..., ::2]
+    x[(0,) * x.dim()] = float("nan")
+    return x, y
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "strided"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (4, 16, 9, 9)])
+def test_add_relu_cpu(dtype, layout, shape, generator):
+    x, y = _add_relu_inputs(dtype, shape, layout, generator)
+    expected = Reference.add_relu(x, y)
+    torch.testing.assert_close(C_OPS.add_relu(x, y), expected, rtol=0, atol=0, equal_nan=True)
+
+    out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
+    C_OPS.add_relu_out(x, y, out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(out).sum() == torch.isnan(expected).sum()
+
+
+def test_add_relu_cpu_rejects_mismatches():
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="must have one shape"):
+        C_OPS.add_relu(x, torch.randn(3, 2))
+    with pytest.raises(RuntimeError):
+        C_OPS.add_relu(x, torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_opcheck_add_relu_cpu(generator):
+    x = torch.randn(2, 8, 5, 5, generator=generator)
+    y = torch.randn(2, 8, 5, 5, generator=generator)
+    torch.library.opcheck(C_OPS.add_relu, (x, y))
+    torch.library.opcheck(C_OPS.add_relu_out, (x, y, torch.empty_like(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake impls: CUDA tensors need no GPU under FakeTensorMode
+# ---------------------------------------------------------------------------------------------
+
+
+@NEEDS_CONV
+def test_fake_impls_on_cuda_tensors():
+    with FakeTensorMode():
+        x = torch.empty(2, 64, 56, 56, dtype=torch.float16, device="cuda")
+        weight = torch.empty(128, 64, 3, 3, dtype=torch.float16, device="cuda")
+        bias = torch.empty(128, dtype=torch.float16, device="cuda")
+        residual = torch.empty(2, 128, 28, 28, dtype=torch.float16, device="cuda")
+        out = C_OPS.conv2d_bias_act(x, weight, bias, residual, [2, 2], [1, 1], [1, 1], True)
+        assert out.shape == (2, 128, 28, 28) and out.dtype == torch.float16 and out.device.type == "cuda"
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        C_OPS.conv2d_bias_act_out(x, weight, None, None, [2, 2], [1, 1], [1, 1], False, 0, out)
+
+        total = C_OPS.add_relu(out, residual)
+        assert total.shape == out.shape and total.stride() == out.stride() and total.device.type == "cuda"
+        C_OPS.add_relu_out(out, residual, total)
+
+        with pytest.raises(ValueError, match="residual must have the output's shape"):
+            C_OPS.conv2d_bias_act(x, weight, bias, residual, [1, 1], [1, 1], [1, 1], True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend contract checks that need no GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    x = torch.randn(1, 8, 5, 5)
+    weight = torch.randn(8, 8, 3, 3)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu tensors: .*CUDA tensors only"):
+        ops.conv2d_bias_act(x, weight, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu tensors: .*CUDA tensors only"):
+        ops.add_relu(x, x, backend="cuda")
+
+
+@NEEDS_CONV
+@pytest.mark.parametrize(
+    "dtype, cout, cin, kernel, groups, reason",
+    [
+        (torch.float32, 64, 64, 3, 1, "float16 and bfloat16, not torch.float32"),
+        (torch.float64, 64, 64, 3, 1, "float16 and bfloat16, not torch.float64"),
+        (torch.float16, 64, 32, 3, 2, "grouped convolution"),
+        (torch.bfloat16, 12, 64, 3, 1, "12 output channels"),
+        (torch.float16, 64, 64, 33, 1, "33x33 kernel"),
+    ],
+)
+def test_conv_unsupported_reasons(dtype, cout, cin, kernel, groups, reason):
+    x = torch.empty(1, cin * groups, 40, 40, dtype=dtype)
+    weight = torch.empty(cout, cin, kernel, kernel, dtype=dtype)
+    got = cuda_backend.conv_unsupported_reason(x, weight, None, None, [1, 1], [1, 1], [1, 1], groups)
+    assert got is not None and reason in got
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine code
+# ---------------------------------------------------------------------------------------------
+
+
+def _cuobjdump():
+    candidates = [shutil.which("cuobjdump")]
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidates.append(os.path.join(cuda_home, "bin", "cuobjdump"))
+    try:  # triton wheels bundle one
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((path for path in candidates if path and os.access(path, os.X_OK)), None)
+
+
+@NEEDS_CONV
+def test_sm90_machine_code_uses_tensor_cores():
+    library = cuda_backend._C.__file__
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit bin/ or the triton wheel)")
+    listing = subprocess.run([tool, "-lelf", library], capture_output=True, text=True, check=True).stdout
+    if "sm_90" not in listing:
+        pytest.skip(f"{os.path.basename(library)} has no sm_90 code (TORCH_CUDA_ARCH_LIST at build time)")
+    sass = subprocess.run(
+        [tool, "-sass", "-arch", "sm_90", library], capture_output=True, text=True, check=True
+    ).stdout
+    # Each kernel's disassembly starts with "Function : <mangled name>"; split the listing there.
+    functions = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S))
+    convs = {name: body for name, body in functions.items() if "ImplicitGemmConvolution" in name}
+    # One kernel per config and element type (fp16, bf16), all on tensor cores: sm_80-style
+    # mma.sync m16n8k16 with fp32 accumulation is HMMA.16816.F32 (.BF16 for bfloat16).
+    assert len(convs) == 2 * len(cuda_backend.CONV_CONFIGS), sorted(convs)
+    for name, body in convs.items():
+        assert re.search(r"HMMA\.16816\.F32", body), f"no HMMA in {name[:120]}..."
+    assert sum(bool(re.search(r"HMMA\.16816\.F32\.BF16", body)) for body in convs.values()) == len(
+        cuda_backend.CONV_CONFIGS
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the CUTLASS convs
+# ---------------------------------------------------------------------------------------------
+
+# name: (Cin, Cout, (R, S), stride, padding, dilation, (H, W))
+LAYERS = {
+    "stem_7x7_s2_c3": (3, 64, (7, 7), (2, 2), (3, 3), (1, 1), (224, 224)),
+    "1x1_c64_k256": (64, 256, (1, 1), (1, 1), (0, 0), (1, 1), (56, 56)),
+    "1x1_c256_k64": (256, 64, (1, 1), (1, 1), (0, 0), (1, 1), (56, 56)),
+    "3x3_s1_c64": (64, 64, (3, 3), (1, 1), (1, 1), (1, 1), (56, 56)),
+    "3x3_s2_c128": (128, 128, (3, 3), (2, 2), (1, 1), (1, 1), (56, 56)),
+    "downsample_1x1_s2": (256, 512, (1, 1), (2, 2), (0, 0), (1, 1), (56, 56)),
+    "3x3_c512_7x7": (512, 512, (3, 3), (1, 1), (1, 1), (1, 1), (7, 7)),
+    "1x1_c2048_k512_7x7": (2048, 512, (1, 1), (1, 1), (0, 0), (1, 1), (7, 7)),
+    "3x3_dilated_2": (256, 256, (3, 3), (1, 1), (2, 2), (2, 2), (28, 28)),
+    "3x3_c12_k16": (12, 16, (3, 3), (1, 1), (1, 1), (1, 1), (20, 20)),  # C % 8 != 0, padded to 16
+    "3x3_c5_k8": (5, 8, (3, 3), (1, 1), (1, 1), (1, 1), (17, 17)),  # few channels, padded to 8
+    "5x3_rect_s2x1": (24, 40, (5, 3), (2, 1), (2, 0), (1, 1), (31, 17)),
+}
+
+# (bias, residual, relu)
+EPILOGUES = {
+    "bias_relu": (True, False, True),
+    "bias_residual_relu": (True, True, True),
+    "bias": (True, False, False),
+    "residual": (False, True, False),
+    "relu": (False, False, True),
+}
+
+
+def _conv_inputs(layer, batch, dtype, bias=True, residual=True, seed=0):
+    cin, cout, (r, s), stride, padding, dilation, (h, w) = LAYERS[layer]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32)  # noqa: E731
+    x = randn(batch, cin, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (randn(cout, cin, r, s) / (cin * r * s) ** 0.5).to(dtype)
+    b = randn(cout).to(dtype) if bias else None
+    oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    res = randn(batch, cout, oh, ow).to(dtype).contiguous(memory_format=torch.channels_last) if residual else None
+    return x, weight, b, res, dict(stride=list(stride), padding=list(padding), dilation=list(dilation))
+
+
+def _assert_parity(out, x, weight, bias, residual, conv, relu):
+    assert torch.isfinite(out).all(), "NaN or Inf in the output: an element was not written, or overflowed"
+    ref = Reference.conv2d_bias_act(x, weight, bias, residual, relu=relu, **conv)
+    eager = Reference.eager_conv2d_bias_act(x, weight, bias, residual, relu=relu, **conv)
+    result = parity(out, eager, ref)
+    assert result.ok, str(result)
+
+
+@pytest.mark.gpu
+@NEEDS_CONV
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("epilogue", sorted(EPILOGUES))
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_conv2d_bias_act_cuda(layer, epilogue, batch, dtype, monkeypatch):
+    has_bias, has_residual, relu = EPILOGUES[epilogue]
+    x, weight, bias, residual, conv = _conv_inputs(layer, batch, dtype, has_bias, has_residual)
+    assert cuda_backend.conv_unsupported_reason(x, weight, bias, residual, groups=1, **conv) is None
+    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)  # outputs start as NaN
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fused_resnet: backend")  # a fallback would warn
+        out = ops.conv2d_bias_act(x, weight, bias, residual, relu=relu, backend="cuda", **conv)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _assert_parity(out, x, weight, bias, residual, conv, relu)
+
+
+@pytest.mark.gpu
+@NEEDS_CONV
+@pytest.mark.parametrize("layer", ["stem_7x7_s2_c3", "3x3_s2_c128", "1x1_c256_k64", "3x3_c12_k16", "3x3_c5_k8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_config_gives_the_same_answer(layer, dtype):
+    x, weight, bias, residual, conv = _conv_inputs(layer, 2, dtype)
+    args = (x, weight, bias, residual, conv["stride"], conv["padding"], conv["dilation"], True)
+    heuristic = C_OPS.conv2d_bias_act(*args)  # config -1
+    _assert_parity(heuristic, x, weight, bias, residual, conv, relu=True)
+    # Any two correctly rounded results differ by rounding only.
+    tolerance = dict(rtol=0, atol=2 * FLOORS[dtype] * heuristic.abs().max().item())
+    for config, name in enumerate(cuda_backend.CONV_CONFIGS):
+        if name.startswith("few_channels_") and x.shape[1] > 8:
+            with pytest.raises(RuntimeError, match="serves inputs with at most 8 channels"):
+                C_OPS.conv2d_bias_act(*args, config)
+            continue
+        out = torch.full_like(heuristic, float("nan"))
+        C_OPS.conv2d_bias_act_out(*args, config, out)
+        _assert_parity(out, x, weight, bias, residual, conv, relu=True)
+        torch.testing.assert_close(out, heuristic, msg=name, **tolerance)
+
+
+@pytest.mark.gpu
+@NEEDS_CONV
+def test_conv_config_out_of_range_is_an_error():
+    x, weight, bias, residual, conv = _conv_inputs("3x3_s1_c64", 1, torch.float16)
+    args = (x, weight, bias, residual, conv["stride"], conv["padding"], conv["dilation"], True)
+    with pytest.raises(RuntimeError, match="out of range"):
+        C_OPS.conv2d_bias_act(*args, len(cuda_backend.CONV_CONFIGS))
+
+
+@pytest.mark.gpu
+@NEEDS_CONV
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "misaligned", "strided"])
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
+def test_conv_input_layouts(layout, weight_layout):
+    x, weight, bias, residual, conv = _conv_inputs("3x3_s2_c128", 2, torch.float16)
+    if layout == "nchw":
+        x = x.contiguous()
+        residual = residual.contiguous()
+    elif layout == "misaligned":  # data_ptr 2 bytes past an allocation: not 16-byte aligned
+        buffer = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+        x = buffer[1:].view(x.shape).copy_(x)
+        bias = torch.cat([bias[:1], bias])[1:]
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=3)[..., ::2]
+    if weight_layout == "channels_last":
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    out = ops.conv2d_bias_act(x, weight, bias, residual, backend="cuda", **conv)
+    _assert_parity(out, x, weight, bias, residual, conv, relu=True)
+
+
+@pytest.mark.gpu
+@NEEDS_CONV
+def test_conv_sees_in_place_weight_updates():
+    x, weight, bias, residual, conv = _conv_inputs("3x3_s1_c64", 1, torch.float16, residual=False)
+    first = ops.conv2d_bias_act(x, weight, bias, backend="cuda", relu=False, **conv)
+    _assert_parity(first, x, weight, bias, None, conv, relu=False)
+    with torch.no_grad():
+        weight.mul_(-2)  # same tensor, new version: a cached KRSC copy must not be reused
+    second = ops.conv2d_bias_act(x, weight, bias, backend="cuda", relu=False, **conv)
+    _assert_parity(second, x, weight, bias, None, conv, relu=False)
+
+
+@pytest.mark.gpu
+@NEEDS_CONV
+@pytest.mark.parametrize(
+    "dtype, cout, groups, reason",
+    [
+        (torch.float32, 64, 1, "not torch.float32"),
+        (torch.float16, 12, 1, "12 output channels"),
+        (torch.float16, 64, 4, "grouped convolution"),
+    ],
+)
+def test_unsupported_conv_falls_back_with_a_warning(dtype, cout, groups, reason, monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())  # each reason warns once per process
+    x = torch.randn(2, 32, 14, 14, device="cuda", dtype=dtype)
+    weight = torch.randn(cout, 32 // groups, 3, 3, device="cuda", dtype=dtype) / 17
+    with pytest.warns(UserWarning, match=reason):
+        out = ops.conv2d_bias_act(x, weight, padding=1, groups=groups, backend="cuda")
+    ref = F.conv2d(x.double(), weight.double(), padding=1, groups=groups).relu()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@NEEDS_CONV
+def test_opcheck_conv_cuda():
+    x, weight, bias, residual, conv = _conv_inputs("3x3_c12_k16", 2, torch.float16)
+    args = (x, weight, bias, residual, conv["stride"], conv["padding"], conv["dilation"], True)
+    torch.library.opcheck(C_OPS.conv2d_bias_act, args + (-1,))
+    out = C_OPS.conv2d_bias_act(*args)
+    torch.library.opcheck(C_OPS.conv2d_bias_act_out, args + (-1, torch.empty_like(out)))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: add_relu
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 1023, 4099, (1 << 20) + 5])
+@pytest.mark.parametrize("offsets", [(0, 0, 0), (1, 0, 0), (0, 3, 0), (0, 0, 5), (2, 2, 2)])
+def test_add_relu_cuda_flat(dtype, numel, offsets):
+    """Sizes around the 16-byte vector width, and element offsets that break its alignment."""
+    g = torch.Generator(device="cuda").manual_seed(numel)
+    views = []
+    for offset in offsets:
+        buffer = torch.randn(numel + offset, generator=g, device="cuda").to(dtype)
+        views.append(buffer[offset:])
+    x, y, out = views
+    x[numel // 2] = float("nan")
+    out.fill_(float("nan"))
+    C_OPS.add_relu_out(x, y, out)
+    expected = Reference.add_relu(x, y)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(out).sum() == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "strided"])
+def test_add_relu_cuda_layouts(dtype, layout):
+    x, y = _add_relu_inputs(dtype, (3, 24, 7, 9), layout, torch.Generator().manual_seed(1), device="cuda")
+    torch.testing.assert_close(C_OPS.add_relu(x, y), Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(
+        ops.add_relu(x, y, backend="cuda"), Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True
+    )
+    out = torch.full((3, 24, 7, 18), float("nan"), dtype=dtype, device="cuda")[..., ::2]  # not dense
+    C_OPS.add_relu_out(x, y, out)
+    torch.testing.assert_close(out, Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_opcheck_add_relu_cuda():
+    x = torch.randn(2, 8, 5, 5, device="cuda", dtype=torch.float16)
+    y = torch.randn(2, 8, 5, 5, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(C_OPS.add_relu, (x, y))
+    torch.library.opcheck(C_OPS.add_relu_out, (x, y, torch.empty_like(x)))
+

@@ -1,0 +1,93 @@
+"""fold_bn: every BatchNorm flavour, against eager conv -> bn in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import fused_resnet as fr
+from fused_resnet.parity import randomize_bn_
+
+
+def _bn(kind: str, channels: int, eps: float) -> nn.Module:
+    if kind == "batchnorm":
+        bn = nn.BatchNorm2d(channels, eps=eps)
+    elif kind == "no_affine":
+        bn = nn.BatchNorm2d(channels, eps=eps, affine=False)
+    elif kind == "frozen":
+        bn = FrozenBatchNorm2d(channels, eps=eps)
+    elif kind == "sync":
+        bn = nn.SyncBatchNorm(channels, eps=eps)
+    return randomize_bn_(bn.eval(), torch.Generator().manual_seed(channels))
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "no_affine", "frozen", "sync"])
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])
+def test_fold_matches_conv_then_bn(kind, conv_bias, eps):
+    conv = nn.Conv2d(6, 10, 3, padding=1, bias=conv_bias).double()
+    bn = _bn(kind, 10, eps).double()
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    weight, bias = fr.fold_bn(conv, bn)
+    with torch.no_grad():
+        expected = bn(conv(x))
+    torch.testing.assert_close(F.conv2d(x, weight, bias, padding=1), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fold_without_bn_returns_the_conv_itself():
+    conv = nn.Conv2d(3, 4, 1, bias=False)
+    weight, bias = fr.fold_bn(conv)
+    assert torch.equal(weight, conv.weight) and torch.equal(bias, torch.zeros(4))
+    assert weight.data_ptr() != conv.weight.data_ptr()  # a copy, so the caller may modify it
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fold_is_computed_in_float64_then_cast(dtype):
+    conv = nn.Conv2d(8, 8, 3).to(dtype)
+    bn = _bn("batchnorm", 8, 1e-5).to(dtype)
+    weight, bias = fr.fold_bn(conv, bn)
+    weight64, bias64 = fr.fold_bn(conv.double(), bn.double())
+    assert weight.dtype == dtype and bias.dtype == dtype
+    assert torch.equal(weight, weight64.to(dtype)) and torch.equal(bias, bias64.to(dtype))
+
+
+def test_fold_extreme_variances_stay_finite():
+    conv = nn.Conv2d(4, 4, 1)
+    bn = nn.BatchNorm2d(4, eps=0.0).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([1e-30, 1e-12, 1e30, 1.0]))
+    weight, bias = fr.fold_bn(conv, bn)
+    assert torch.isfinite(bias).all()
+    # 1/sqrt(1e-30) = 1e15 times a weight below 1 fits float32; it must not have overflowed on the way.
+    assert torch.isfinite(weight).all()
+
+
+def test_fold_leaves_modules_untouched():
+    conv, bn = nn.Conv2d(3, 5, 3), _bn("batchnorm", 5, 1e-5)
+    before = {k: v.clone() for k, v in {**conv.state_dict(), **{"bn." + k: v for k, v in bn.state_dict().items()}}.items()}
+    fr.fold_bn(conv, bn)
+    after = {**conv.state_dict(), **{"bn." + k: v for k, v in bn.state_dict().items()}}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fold_refuses_training_mode():
+    with pytest.raises(ValueError, match="training mode.*eval"):
+        fr.fold_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4).train())
+
+
+def test_fold_refuses_bn_without_running_stats():
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        fr.fold_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False).eval())
+
+
+def test_fold_refuses_mismatched_channels():
+    with pytest.raises(ValueError, match="4 output channels.*5 features"):
+        fr.fold_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(5).eval())
+
+
+def test_fold_refuses_other_modules():
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        fr.fold_bn(nn.Linear(3, 4), nn.BatchNorm2d(4).eval())
+    with pytest.raises(TypeError, match="BatchNorm"):
+        fr.fold_bn(nn.Conv2d(3, 4, 1), nn.LayerNorm(4))

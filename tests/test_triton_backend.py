@@ -1,0 +1,337 @@
+"""The Triton backend against a float64 PyTorch reference, under the numerical parity rule.
+
+Without a GPU, conftest.py sets TRITON_INTERPRET=1 and the kernels run on CPU tensors through the
+interpreter: shapes here are ResNet's layers scaled down to a few channels and pixels. The test
+marked `gpu` runs ResNet-50's real layer shapes on a CUDA device.
+
+Eager error: the rule compares our error with eager PyTorch's in the same dtype on the same input,
+so eager F.conv2d runs in that dtype on the same device. On CPU it accepts fp16 and bf16 (computing
+in higher precision and rounding once); where eager cannot run a dtype on a device, the bound is
+one unit in the last place of the dtype plus the floor (see `check_parity`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_resnet as fr
+from fused_resnet import backends
+from fused_resnet.backends import triton as triton_backend
+from fused_resnet.parity import FLOORS, Parity, parity, relative_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_UNAVAILABLE = triton_backend.unavailable_reason(torch.device(DEVICE))
+pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None, reason=f"triton backend unavailable: {_UNAVAILABLE}")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, dtype):
+    """act(conv2d(x, weight, bias) + residual) by plain PyTorch, every tensor cast to `dtype` first:
+    float64 gives the reference, the inputs' own dtype gives eager PyTorch."""
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    y = F.conv2d(cast(x), cast(weight), cast(bias), stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + cast(residual)
+    return y.relu() if relu else y
+
+
+def check_parity(out, *args):
+    ref = conv_bias_act(*args, dtype=torch.float64)
+    try:
+        eager = conv_bias_act(*args, dtype=out.dtype)
+    except (RuntimeError, NotImplementedError):
+        eager = None
+    if eager is None:
+        bound = torch.finfo(out.dtype).eps + FLOORS[out.dtype]
+        result = Parity(out.dtype, relative_error(out, ref), float("nan"), bound)
+    else:
+        result = parity(out, eager, ref)
+    assert result.ok, str(result)
+
+
+def in_layout(t: torch.Tensor, kind: str, generator) -> torch.Tensor:
+    """`t`'s values as NCHW ("nchw"), channels_last ("cl") or a strided, non-contiguous view ("view")."""
+    if kind == "nchw":
+        return t.contiguous()
+    if kind == "cl":
+        return t.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = t.shape
+    wide = torch.randn(n, c, h, 2 * w, generator=generator).to(t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def make_conv(case, dtype, generator):
+    """Random inputs for a conv case, scaled so that outputs are O(1), on DEVICE."""
+    r, s = case["kernel"]
+    n, c, h, w = case["x"]
+    cout, groups = case["cout"], case["groups"]
+    stride, padding, dilation = case["stride"], case["padding"], case["dilation"]
+    fan_in = c // groups * r * s
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+    x = in_layout(randn(n, c, h, w), case["layout"], generator)
+    weight = randn(cout, c // groups, r, s, scale=fan_in**-0.5)
+    bias = randn(cout) if case["bias"] else None
+    oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    residual = in_layout(randn(n, cout, oh, ow), case["layout"], generator) if case["residual"] else None
+    tensors = [t if t is None else t.to(DEVICE) for t in (x, weight, bias, residual)]
+    return (*tensors, list(stride), list(padding), list(dilation), groups, case["relu"]), (n, cout, oh, ow)
+
+
+def case(name, x, cout, kernel, stride=1, padding=0, dilation=1, groups=1, *, bias=True, residual=False,
+         relu=True, layout="cl"):
+    def two(v):
+        return tuple(v) if isinstance(v, tuple) else (v, v)
+
+    return pytest.param(
+        dict(x=x, cout=cout, kernel=two(kernel), stride=two(stride), padding=two(padding),
+             dilation=two(dilation), groups=groups, bias=bias, residual=residual, relu=relu, layout=layout),
+        id=name,
+    )
+
+
+# ResNet's conv shapes, scaled down; the epilogue flags and input layouts vary across them.
+CASES = [
+    case("1x1_bottleneck_conv3", (2, 8, 5, 5), 12, 1, residual=True),
+    case("1x1_s2_downsample", (2, 8, 7, 7), 16, 1, stride=2, relu=False, layout="nchw"),
+    case("3x3_basic_conv2", (2, 8, 6, 6), 8, 3, padding=1, residual=True),
+    case("3x3_s2", (2, 12, 7, 7), 16, 3, stride=2, padding=1, layout="view"),
+    case("stem_7x7_s2_c3", (1, 3, 17, 15), 8, 7, stride=2, padding=3, layout="nchw"),
+    case("grouped_g4", (2, 16, 6, 6), 16, 3, padding=1, groups=4),
+    case("grouped_g2_16_per_group", (1, 32, 5, 5), 32, 3, stride=2, padding=1, groups=2, bias=False, residual=True),
+    case("depthwise", (2, 8, 6, 6), 8, 3, padding=1, groups=8, relu=False, layout="nchw"),
+    case("dilated_d2", (1, 8, 9, 9), 8, 3, padding=2, dilation=2, residual=True),
+    case("odd_7x5", (2, 6, 7, 5), 10, 3, padding=1, bias=False, layout="view"),
+    case("1x1_hw1", (3, 16, 1, 1), 8, 1, residual=True, relu=False, layout="nchw"),
+    case("3x3_hw1", (2, 16, 1, 1), 8, 3, padding=1),
+    case("channels_5_to_7", (2, 5, 6, 6), 7, 3, padding=1, residual=True, layout="view"),
+    case("multi_tile", (2, 48, 9, 9), 40, 3, padding=1, residual=True),
+    case("1x1_long_k", (1, 80, 4, 4), 36, 1, relu=False),
+    case("3x3_unpadded", (2, 8, 7, 7), 8, 3, layout="nchw"),
+    case("3x1_mixed_pairs", (2, 8, 7, 6), 8, (3, 1), stride=(1, 2), padding=(1, 0), dilation=(2, 1), residual=True),
+]
+
+
+def run_backend(args, out_shape, dtype):
+    """Calls the backend directly on an output filled with NaN, so that any element it leaves
+    unwritten fails the test (the inputs are finite)."""
+    reason = triton_backend.conv_unsupported_reason(*args[:8])
+    if reason is not None:
+        pytest.skip(reason)
+    out = torch.full(out_shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    triton_backend.conv2d_bias_act(out, *args)
+    assert not out.isnan().any(), "the kernel left elements of out unwritten"
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("conv_case", CASES)
+def test_conv_parity(conv_case, dtype):
+    args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(0))
+    out = run_backend(args, out_shape, dtype)
+    check_parity(out, *args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+@pytest.mark.parametrize("layout_kind", ["nchw", "cl", "view"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_conv_epilogue_and_layouts(bias, residual, relu, layout_kind, dtype):
+    conv_case = case("x", (2, 6, 5, 7), 12, 3, stride=2, padding=1, bias=bias, residual=residual, relu=relu,
+                     layout=layout_kind).values[0]
+    args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(1))
+    check_parity(run_backend(args, out_shape, dtype), *args)
+
+
+def test_conv_tf32_rounds_to_nearest(monkeypatch):
+    """With TF32 on (CUDA, cudnn.allow_tf32), operands are rounded to 10 mantissa bits, to nearest
+    like cuDNN, not truncated. The interpreter multiplies in fp32, so the rounding is visible here."""
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    monkeypatch.setattr(conv, "use_tf32", lambda x: x.dtype == torch.float32)
+    args, out_shape = make_conv(CASES[2].values[0], torch.float32, torch.Generator().manual_seed(2))
+    out = run_backend(args, out_shape, torch.float32)
+
+    def tf32(t):
+        # Independent of the kernel's bit trick: scale the mantissa to 11 bits, round half away.
+        mantissa, exponent = torch.frexp(t)
+        scaled = mantissa * 2048
+        return torch.ldexp(scaled.sign() * (scaled.abs() + 0.5).floor() / 2048, exponent)
+
+    x, weight, *rest = args
+    rounded_ref = conv_bias_act(tf32(x), tf32(weight), *rest, dtype=torch.float64)
+    assert relative_error(out, rounded_ref) < 1e-5
+    assert relative_error(out, conv_bias_act(*args, dtype=torch.float64)) > 1e-5  # it did round
+
+
+def test_conv_through_op(monkeypatch):
+    """End to end through fr.ops with backend="triton": the reference must not be used."""
+
+    def refuse(*args):
+        raise AssertionError("the op fell back to the reference backend")
+
+    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(backends.get("torch"), "conv2d_bias_act", refuse)
+    args, _ = make_conv(CASES[0].values[0], torch.float16, torch.Generator().manual_seed(3))
+    x, weight, bias, residual, stride, padding, dilation, groups, relu = args
+    out = fr.ops.conv2d_bias_act(x, weight, bias, residual, stride=stride, padding=padding, dilation=dilation,
+                                 groups=groups, relu=relu, backend="triton")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    check_parity(out, *args)
+
+
+def test_conv_float64_falls_back_to_reference(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    args, _ = make_conv(CASES[2].values[0], torch.float64, torch.Generator().manual_seed(4))
+    assert "float64" in triton_backend.conv_unsupported_reason(*args[:8])
+    x, weight, bias, residual, stride, padding, dilation, groups, relu = args
+    with pytest.warns(UserWarning, match="float64"):
+        out = fr.ops.conv2d_bias_act(x, weight, bias, residual, stride=stride, padding=padding, dilation=dilation,
+                                     groups=groups, relu=relu, backend="triton")
+    torch.testing.assert_close(out, conv_bias_act(*args, dtype=torch.float64))
+
+
+def test_conv_too_many_groups_is_unsupported():
+    x = torch.zeros(1, 65536, 1, 1, device=DEVICE)
+    weight = torch.zeros(65536, 1, 1, 1, device=DEVICE)
+    assert "groups" in triton_backend.conv_unsupported_reason(x, weight, None, None, [1, 1], [0, 0], [1, 1], 65536)
+
+
+@pytest.mark.parametrize(
+    "shape, stride, padding",
+    [((2, 8, 5, 5), 1, 1), ((1, 3, 9, 7), 2, 3)],
+    ids=["3x3", "stem_like"],
+)
+def test_conv_opcheck(shape, stride, padding):
+    generator = torch.Generator().manual_seed(5)
+    kernel = 3 if padding == 1 else 7
+    x = torch.randn(*shape, generator=generator).to(DEVICE).requires_grad_()
+    weight = torch.randn(8, shape[1], kernel, kernel, generator=generator).to(DEVICE).requires_grad_()
+    bias = torch.randn(8, generator=generator).to(DEVICE)
+    oh = (shape[2] + 2 * padding - kernel) // stride + 1
+    ow = (shape[3] + 2 * padding - kernel) // stride + 1
+    residual = torch.randn(shape[0], 8, oh, ow, generator=generator).to(DEVICE)
+    args = (x, weight, bias, residual, [stride] * 2, [padding] * 2, [1, 1], 1, True, "triton")
+    torch.library.opcheck(torch.ops.fused_resnet.conv2d_bias_act.default, args)
+
+
+def test_gemm_weight_is_cached_and_follows_updates():
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    weight = torch.randn(8, 4, 3, 3, device=DEVICE)
+    channels_last = weight.contiguous(memory_format=torch.channels_last)
+    assert conv.gemm_weight(channels_last).data_ptr() == channels_last.data_ptr()  # a view, no copy
+    first = conv.gemm_weight(weight)
+    assert conv.gemm_weight(weight) is first
+    torch.testing.assert_close(first, weight.permute(0, 2, 3, 1), rtol=0, atol=0)
+    with torch.no_grad():
+        weight.add_(1.0)  # bumps the version counter: the cached copy is stale
+    torch.testing.assert_close(conv.gemm_weight(weight), weight.permute(0, 2, 3, 1), rtol=0, atol=0)
+
+
+# add_relu -------------------------------------------------------------------------------------
+
+
+def add_relu_reference(x, y, dtype):
+    return (x.to(dtype) + y.to(dtype)).relu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "shape, memory_format",
+    [
+        ((2, 5, 7, 3), torch.contiguous_format),
+        ((2, 5, 7, 3), torch.channels_last),
+        ((1, 1, 1, 1), torch.channels_last),
+        ((3, 1000), torch.contiguous_format),
+        ((70000,), torch.contiguous_format),
+    ],
+    ids=["nchw", "channels_last", "single", "2d", "more_than_one_block"],
+)
+def test_add_relu_parity(shape, memory_format, dtype):
+    generator = torch.Generator().manual_seed(6)
+    x, y = (torch.randn(shape, generator=generator).to(DEVICE, dtype).contiguous(memory_format=memory_format)
+            for _ in range(2))
+    assert triton_backend.add_relu_unsupported_reason(x, y) is None
+    out = torch.full_like(x, float("nan"))
+    triton_backend.add_relu(out, x, y)
+    assert not out.isnan().any(), "the kernel left elements of out unwritten"
+    result = parity(out, add_relu_reference(x, y, dtype), add_relu_reference(x, y, torch.float64))
+    assert result.ok, str(result)
+
+
+def test_add_relu_through_op(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the op fell back to the reference backend")
+
+    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(backends.get("torch"), "add_relu", refuse)
+    generator = torch.Generator().manual_seed(7)
+    x, y = (torch.randn(2, 6, 5, 5, generator=generator).to(DEVICE).contiguous(memory_format=torch.channels_last)
+            for _ in range(2))
+    out = fr.ops.add_relu(x, y, backend="triton")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, (x + y).relu(), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fused_resnet.add_relu.default, (x, y, "triton"))
+
+
+def test_add_relu_mixed_layouts_fall_back(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    x = torch.randn(2, 6, 5, 5, device=DEVICE)
+    y = x.contiguous(memory_format=torch.channels_last) * 2
+    assert triton_backend.add_relu_unsupported_reason(x, y) is not None
+    assert "float64" in triton_backend.add_relu_unsupported_reason(x.double(), x.double())
+    with pytest.warns(UserWarning, match="memory format"):
+        out = fr.ops.add_relu(x, y, backend="triton")
+    torch.testing.assert_close(out, (x + y).relu())
+
+
+# ResNet-50's layers at full size, on a GPU --------------------------------------------------------
+
+RESNET50_LAYERS = [
+    case("stem", (2, 3, 224, 224), 64, 7, stride=2, padding=3, layout="nchw"),
+    case("layer1_conv1", (2, 64, 56, 56), 64, 1),
+    case("layer1_conv2", (2, 64, 56, 56), 64, 3, padding=1),
+    case("layer1_conv3", (2, 64, 56, 56), 256, 1, residual=True),
+    case("layer1_downsample", (2, 64, 56, 56), 256, 1, relu=False),
+    case("layer2_conv1", (2, 256, 56, 56), 128, 1),
+    case("layer2_conv2_s2", (2, 128, 56, 56), 128, 3, stride=2, padding=1),
+    case("layer2_conv3", (2, 128, 28, 28), 512, 1, residual=True),
+    case("layer2_downsample_s2", (2, 256, 56, 56), 512, 1, stride=2, relu=False),
+    case("layer3_conv2", (2, 256, 14, 14), 256, 3, padding=1),
+    case("layer3_conv3", (2, 256, 14, 14), 1024, 1, residual=True),
+    case("layer4_conv1", (2, 1024, 14, 14), 512, 1),
+    case("layer4_conv2_s2", (2, 512, 14, 14), 512, 3, stride=2, padding=1),
+    case("layer4_conv3", (2, 512, 7, 7), 2048, 1, residual=True),
+    case("layer4_conv2_dilated", (2, 512, 28, 28), 512, 3, padding=2, dilation=2),
+    case("resnext50_32x4d_conv2", (2, 128, 56, 56), 128, 3, padding=1, groups=32),
+    case("resnext101_64x4d_conv2", (2, 256, 56, 56), 256, 3, padding=1, groups=64),
+    case("resnext101_32x8d_conv2_s2", (2, 512, 56, 56), 512, 3, stride=2, padding=1, groups=32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "dtype, allow_tf32",
+    [(torch.float16, True), (torch.bfloat16, True), (torch.float32, True), (torch.float32, False)],
+    ids=["fp16", "bf16", "fp32_tf32", "fp32_ieee"],
+)
+@pytest.mark.parametrize("conv_case", RESNET50_LAYERS)
+def test_conv_parity_resnet50_layers_gpu(conv_case, dtype, allow_tf32, monkeypatch):
+    # The flag applies to eager cuDNN and to our kernel alike; fp32 is compared both ways.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(8))
+    check_parity(run_backend(args, out_shape, dtype), *args)
