@@ -54,7 +54,9 @@ class FusedConv2d(nn.Module):
         self.relu = relu
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, r, s, **factory))
+        # channels_last weights are the (Cout, R, S, Cin/groups) GEMM operand the kernels read, as a free view.
+        weight = torch.empty(out_channels, in_channels // groups, r, s, **factory)
+        self.weight = nn.Parameter(weight.contiguous(memory_format=torch.channels_last))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
 
     @classmethod

@@ -47,10 +47,15 @@ def _conv2d_bias_act(
     backends.check_name(backend)
     shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
     out = _new_output(x, shape)
-    if out.numel():
-        chosen = backends.select_conv(backend, x, weight, bias, residual, stride, padding, dilation, groups)
-        chosen.conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    return out
+    if out.numel() == 0:
+        return out
+    chosen = backends.select_conv(backend, x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
+    result = chosen.conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    if result is None or result is out:
+        return out
+    if result.stride() == out.stride():
+        return result
+    return out.copy_(result)
 
 
 @_conv2d_bias_act.register_fake

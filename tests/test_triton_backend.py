@@ -91,23 +91,29 @@ def make_conv(case, dtype, generator):
     return (*tensors, list(stride), list(padding), list(dilation), groups, case["relu"]), (n, cout, oh, ow)
 
 
-def case(name, x, cout, kernel, stride=1, padding=0, dilation=1, groups=1, *, bias=True, residual=False,
-         relu=True, layout="cl"):
+def spec(x, cout, kernel, stride=1, padding=0, dilation=1, groups=1, *, bias=True, residual=False, relu=True,
+         layout="cl"):
+    """One conv case: input shape `x`, output channels, kernel size, conv arguments, epilogue, layout."""
+
     def two(v):
         return tuple(v) if isinstance(v, tuple) else (v, v)
 
-    return pytest.param(
-        dict(x=x, cout=cout, kernel=two(kernel), stride=two(stride), padding=two(padding),
-             dilation=two(dilation), groups=groups, bias=bias, residual=residual, relu=relu, layout=layout),
-        id=name,
-    )
+    return dict(x=x, cout=cout, kernel=two(kernel), stride=two(stride), padding=two(padding),
+                dilation=two(dilation), groups=groups, bias=bias, residual=residual, relu=relu, layout=layout)
+
+
+def case(name, *args, **kwargs):
+    return pytest.param(spec(*args, **kwargs), id=name)
+
+
+BASIC_3X3 = spec((2, 8, 6, 6), 8, 3, padding=1, residual=True)
 
 
 # ResNet's conv shapes, scaled down; the epilogue flags and input layouts vary across them.
 CASES = [
     case("1x1_bottleneck_conv3", (2, 8, 5, 5), 12, 1, residual=True),
     case("1x1_s2_downsample", (2, 8, 7, 7), 16, 1, stride=2, relu=False, layout="nchw"),
-    case("3x3_basic_conv2", (2, 8, 6, 6), 8, 3, padding=1, residual=True),
+    pytest.param(BASIC_3X3, id="3x3_basic_conv2"),
     case("3x3_s2", (2, 12, 7, 7), 16, 3, stride=2, padding=1, layout="view"),
     case("stem_7x7_s2_c3", (1, 3, 17, 15), 8, 7, stride=2, padding=3, layout="nchw"),
     case("grouped_g4", (2, 16, 6, 6), 16, 3, padding=1, groups=4),
@@ -151,8 +157,8 @@ def test_conv_parity(conv_case, dtype):
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_conv_epilogue_and_layouts(bias, residual, relu, layout_kind, dtype):
-    conv_case = case("x", (2, 6, 5, 7), 12, 3, stride=2, padding=1, bias=bias, residual=residual, relu=relu,
-                     layout=layout_kind).values[0]
+    conv_case = spec((2, 6, 5, 7), 12, 3, stride=2, padding=1, bias=bias, residual=residual, relu=relu,
+                     layout=layout_kind)
     args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(1))
     check_parity(run_backend(args, out_shape, dtype), *args)
 
@@ -162,7 +168,7 @@ def test_conv_tf32_rounds_to_nearest(monkeypatch):
     like cuDNN, not truncated. The interpreter multiplies in fp32, so the rounding is visible here."""
     conv = importlib.import_module("fused_resnet.backends.triton.conv")
     monkeypatch.setattr(conv, "use_tf32", lambda x: x.dtype == torch.float32)
-    args, out_shape = make_conv(CASES[2].values[0], torch.float32, torch.Generator().manual_seed(2))
+    args, out_shape = make_conv(BASIC_3X3, torch.float32, torch.Generator().manual_seed(2))
     out = run_backend(args, out_shape, torch.float32)
 
     def tf32(t):
@@ -185,7 +191,7 @@ def test_conv_through_op(monkeypatch):
 
     monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
     monkeypatch.setattr(backends.get("torch"), "conv2d_bias_act", refuse)
-    args, _ = make_conv(CASES[0].values[0], torch.float16, torch.Generator().manual_seed(3))
+    args, _ = make_conv(BASIC_3X3, torch.float16, torch.Generator().manual_seed(3))
     x, weight, bias, residual, stride, padding, dilation, groups, relu = args
     out = fr.ops.conv2d_bias_act(x, weight, bias, residual, stride=stride, padding=padding, dilation=dilation,
                                  groups=groups, relu=relu, backend="triton")
@@ -195,7 +201,7 @@ def test_conv_through_op(monkeypatch):
 
 def test_conv_float64_falls_back_to_reference(monkeypatch):
     monkeypatch.setattr(backends, "_warned", set())
-    args, _ = make_conv(CASES[2].values[0], torch.float64, torch.Generator().manual_seed(4))
+    args, _ = make_conv(BASIC_3X3, torch.float64, torch.Generator().manual_seed(4))
     assert "float64" in triton_backend.conv_unsupported_reason(*args[:8])
     x, weight, bias, residual, stride, padding, dilation, groups, relu = args
     with pytest.warns(UserWarning, match="float64"):

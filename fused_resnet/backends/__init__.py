@@ -10,11 +10,13 @@ Every backend module exposes the same five names, so the op layer can treat them
     conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None
         None when this backend computes that case; otherwise why not. An unsupported but valid
         case falls back to the reference backend with a one-time warning.
-    conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> None
+    conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor | None
         Writes act(conv2d(x, weight) + bias + residual) into `out`, a preallocated channels_last
         tensor of shape (N, Cout, OH, OW) and x's dtype. `x`, `residual` may have any strides;
         `weight` is (Cout, Cin // groups, R, S); `bias` (Cout,) or None; stride, padding and
-        dilation are pairs of ints. The arguments were validated before the call.
+        dilation are pairs of ints. The arguments were validated before the call. A backend whose
+        library allocates its own result may return that tensor instead of writing `out`; the op
+        keeps it when its strides are out's, and copies it into `out` otherwise.
     add_relu_unsupported_reason(x, y) -> str | None
     add_relu(out, x, y) -> None
         Writes relu(x + y) into `out` (same shape and dtype as x and y, x's strides).
@@ -24,11 +26,12 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
-NAMES = ("cuda", "triton", "torch")
+NAMES = ("cuda", "triton", "cudnn", "torch")
 
 
 def auto_order(device: torch.device) -> tuple[str, ...]:
@@ -43,6 +46,7 @@ _MODULES = {
     "torch": "fused_resnet.backends.reference",
     "triton": "fused_resnet.backends.triton",
     "cuda": "fused_resnet.backends.cuda",
+    "cudnn": "fused_resnet.backends.cudnn",
 }
 _loaded: dict[str, ModuleType] = {}
 _warned: set[tuple[str, str]] = set()
@@ -77,20 +81,24 @@ def _warn_once(key: tuple[str, str], message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
-def _select(name: str, device: torch.device, what: str, reason_of) -> ModuleType:
+def _select(name: str, device: torch.device, what: str, reason_of, tune=None) -> ModuleType:
     """The backend that will compute one call.
 
-    `reason_of(backend)` says why a backend cannot serve the case (None if it can). An explicitly
-    named backend that cannot run on the device at all is an error; one that can run but does not
-    serve this case falls back to the reference backend, with one warning per distinct reason.
+    `reason_of(backend)` says why a backend cannot serve the case (None if it can). For "auto", the
+    backends that serve it are candidates; on a GPU `tune(candidates)` picks one by measurement.
+    An explicitly named backend that cannot run on the device at all is an error; one that can run
+    but does not serve this case falls back to the reference backend, with one warning per reason.
     """
     reference = get("torch")
     if name == "auto":
-        for candidate in auto_order(device):
-            backend = get(candidate)
-            if backend.unavailable_reason(device) is None and reason_of(backend) is None:
-                return backend
-        return reference
+        candidates = [
+            backend
+            for backend in map(get, auto_order(device))
+            if backend.unavailable_reason(device) is None and reason_of(backend) is None
+        ]
+        if len(candidates) > 1 and tune is not None:
+            return tune(candidates)
+        return candidates[0] if candidates else reference
     backend = get(name)
     unavailable = backend.unavailable_reason(device)
     if unavailable is not None:
@@ -106,12 +114,48 @@ def _select(name: str, device: torch.device, what: str, reason_of) -> ModuleType
     return reference
 
 
-def select_conv(name, x, weight, bias, residual, stride, padding, dilation, groups) -> ModuleType:
+# backend="auto" on a GPU: the backend measured fastest for each layer, by a cheap hashable key.
+_auto_choice: dict[tuple, ModuleType] = {}
+
+
+def _tuned(key: tuple, run) -> Callable[[list[ModuleType]], ModuleType]:
+    """A `tune` for _select: the remembered choice for `key`, or a measurement of `run(backend)`."""
+
+    def tune(candidates: list[ModuleType]) -> ModuleType:
+        chosen = _auto_choice.get(key)
+        if chosen is None:
+            from .. import autotune
+
+            device = key[1]
+            name = autotune.choose(
+                device, " ".join(map(str, key)), {b.NAME: (lambda b=b: run(b)) for b in candidates}
+            )
+            chosen = _auto_choice[key] = get(name)
+        return chosen
+
+    return tune
+
+
+def select_conv(name, x, weight, bias, residual, stride, padding, dilation, groups, relu=True, out=None) -> ModuleType:
+    tune = None
+    if name == "auto" and x.device.type == "cuda" and out is not None:
+        key = (
+            "conv2d_bias_act", x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(),
+            bias is not None, None if residual is None else residual.stride(),
+            tuple(stride), tuple(padding), tuple(dilation), groups, relu,
+        )  # fmt: skip
+        tune = _tuned(
+            key,
+            lambda b: b.conv2d_bias_act(
+                torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, groups, relu
+            ),
+        )
     return _select(
         name,
         x.device,
         "convolution",
         lambda b: b.conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups),
+        tune,
     )
 
 

@@ -16,13 +16,13 @@ def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation
     return None
 
 
-def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> None:
+def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu):
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         y = y.add_(residual)
     if relu:
         y = y.relu_()
-    out.copy_(y)
+    return y
 
 
 def add_relu_unsupported_reason(x, y) -> str | None:

@@ -6,11 +6,11 @@ dense in one memory format; anything else goes to the reference backend.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import _interpreting
 
 
 @triton.jit
@@ -46,5 +46,5 @@ def add_relu(out, x, y) -> None:
         raise ValueError("add_relu: out must be dense in the memory format of x and y")
     numel = out.numel()
     # The interpreter runs each program in Python: few large blocks are much faster there.
-    block = min(triton.next_power_of_2(numel), 1 << 16) if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1024
+    block = min(triton.next_power_of_2(numel), 1 << 16) if _interpreting() else 1024
     _add_relu_kernel[(triton.cdiv(numel, block),)](x, y, out, numel, BLOCK=block, num_warps=4)

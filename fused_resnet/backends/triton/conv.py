@@ -14,11 +14,13 @@ and is cast and stored once: no intermediate tensor between the convolution and 
 
 Groups are the second grid axis; the tiles of a program lie inside one group, so a grouped conv
 (ResNeXt) costs no tile that mixes groups, and a group's K loop runs only over its own channels.
+A 1x1, stride-1, unpadded conv is a plain GEMM: the PLAIN_GEMM specialisation drops the spatial
+masks. On a GPU the tile sizes are autotuned per layer shape and dtype; under TRITON_INTERPRET=1
+one large-block config is used (see _kernel_and_meta).
 """
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections import OrderedDict
 
@@ -27,21 +29,19 @@ import triton
 import triton.language as tl
 
 from ...validation import conv_output_size
+from . import _interpreting
 
 _INT32_MAX = 2**31 - 1
 # CUDA allows at most 65535 blocks along the second grid axis, which holds the groups.
 _MAX_GROUPS = 65535
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @triton.jit
 def _round_to_tf32(v):
-    # Tensor cores read only the top 10 mantissa bits of an fp32 operand, i.e. they truncate.
-    # cuDNN rounds to nearest instead; truncation is biased and several times less accurate on long
-    # sums, so round here (ties away from zero, like cvt.rna.tf32.f32). NaN is kept as is.
+    # Tensor cores read only the top 10 mantissa bits of an fp32 operand, i.e. they truncate, while
+    # eager PyTorch's TF32 results match operands rounded to nearest (triton-lang/triton#4574).
+    # Truncation is biased and several times less accurate on long sums, so round here (ties away
+    # from zero, like cvt.rna.tf32.f32). NaN is kept as is.
     bits = v.to(tl.int32, bitcast=True)
     rounded = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
     return tl.where(v == v, rounded, v)
@@ -232,9 +232,10 @@ def _prune_configs(configs, named_args, **kwargs):
         if config.num_stages * (bm + bn) * bk * element_size > _SHARED_MEMORY_BYTES:
             continue
         warps = config.num_warps if bm * bn >= 128 * 64 else 4
-        key = (bm, bn, bk, warps, config.num_stages)
+        stages = config.num_stages
         kept.setdefault(
-            key, triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=config.num_stages)
+            (bm, bn, bk, warps, stages),
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages),
         )
     return list(kept.values())
 
