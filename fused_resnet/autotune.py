@@ -122,7 +122,7 @@ def choose(device: torch.device, key: str, candidates: dict[str, Callable[[], ob
         stored = _load(device).get(key)
         if stored in candidates:
             return stored
-        if torch.cuda.is_current_stream_capturing():
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return names[0]
         times = {name: _median_ms(run) for name, run in candidates.items()}
         best = min(names, key=times.__getitem__)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .validation import check_add_relu, check_conv, pair
+from .validation import check_add_relu, check_conv, check_types, pair
 
 # When True, outputs are filled with NaN before a backend writes them, so an element a kernel
 # forgets to write shows up as NaN downstream. For tests and debugging; it costs a fill per op.
@@ -142,6 +142,7 @@ def conv2d_bias_act(
     `x` may be NCHW or channels_last with any strides; the result is channels_last.
     `backend` is "torch", "triton", "cuda" or "auto".
     """
+    check_types(dict(x=x, weight=weight), dict(bias=bias, residual=residual), groups=groups, relu=relu, backend=backend)
     return _conv2d_bias_act(
         x,
         weight,
@@ -158,4 +159,5 @@ def conv2d_bias_act(
 
 def add_relu(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor:
     """relu(x + y) for two tensors of one shape, dtype and device."""
+    check_types(dict(x=x, y=y), backend=backend)
     return _add_relu(x, y, backend)

@@ -1,7 +1,12 @@
 """Argument checks for the fused ops, run before any backend sees the tensors.
 
-Each failure is a ValueError/TypeError that names the argument, what it was and what is supported,
-so that a bad call never reaches a kernel (where it could crash or read out of bounds).
+Each failure names the argument, what it was and what is supported, so that a bad call never reaches
+a kernel (where it could crash or read out of bounds): a TypeError for the wrong kind of argument or
+dtype, a ValueError for a wrong shape, value or device.
+
+The checks also run on fake tensors, when torch.compile or torch.export trace the ops with symbolic
+sizes. They compare sizes with one another, and with constants only where every valid call agrees
+(H, W >= 1): the batch size is never compared with a constant, so it stays symbolic, and may be 0.
 """
 
 from __future__ import annotations
@@ -20,14 +25,40 @@ def pair(value, name: str) -> list[int]:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, (int, torch.SymInt)):
         return [value, value]
-    if isinstance(value, str) or len(value) != 2 or not all(isinstance(v, (int, torch.SymInt)) for v in value):
+    if (
+        isinstance(value, str)
+        or len(value) != 2
+        or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in value)
+    ):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     return list(value)
+
+
+def check_types(tensors: dict, optional: dict | None = None, *, groups=1, relu=True, backend="auto") -> None:
+    """The kinds of the arguments of a public op, checked before the call reaches the dispatcher,
+    which would otherwise reject a list or a string with a RuntimeError about the op's schema.
+
+    `tensors` must be tensors; `optional` (bias, residual) tensors or None.
+    """
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    for name, value in (optional or {}).items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {relu!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto', 'torch', 'triton' or 'cuda'), got {backend!r}")
 
 
 def _check_tensor(t: torch.Tensor, name: str, like: torch.Tensor | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; only dense (torch.strided) tensors are supported")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are {_DTYPE_NAMES}")
     if like is not None:
@@ -49,7 +80,7 @@ def check_conv(x, weight, bias, residual, stride, padding, dilation, groups) -> 
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"weight must be a 4-D (Cout, Cin/groups, R, S) tensor, got shape {tuple(weight.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     for name, values, least in (("stride", stride, 1), ("dilation", dilation, 1), ("padding", padding, 0)):
         if len(values) != 2 or any(v < least for v in values):
@@ -57,6 +88,12 @@ def check_conv(x, weight, bias, residual, stride, padding, dilation, groups) -> 
             raise ValueError(f"{name} must be a pair of {kind} ints, got {list(values)}")
     n, c, h, w = x.shape
     cout, cin_per_group, r, s = weight.shape
+    if cout == 0 or cin_per_group == 0 or r == 0 or s == 0:
+        # Eager PyTorch has no consistent answer here (a zero-channel input gives an output with
+        # zero channels): refuse rather than pick one.
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} is empty; Cout, Cin/groups and the kernel size must be at least 1"
+        )
     if c != cin_per_group * groups:
         raise ValueError(
             f"x has {c} channels but weight of shape {tuple(weight.shape)} with groups={groups} "
@@ -64,8 +101,9 @@ def check_conv(x, weight, bias, residual, stride, padding, dilation, groups) -> 
         )
     if cout % groups != 0:
         raise ValueError(f"weight has {cout} output channels, which groups={groups} does not divide")
-    if cout == 0 or r == 0 or s == 0:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} is empty")
+    if h < 1 or w < 1:
+        # Padding would give such an input a non-empty output made of bias alone; eager refuses it.
+        raise ValueError(f"x of shape {tuple(x.shape)} has no pixels; H and W must be at least 1 (only N may be 0)")
     oh = conv_output_size(h, r, stride[0], padding[0], dilation[0])
     ow = conv_output_size(w, s, stride[1], padding[1], dilation[1])
     if oh < 1 or ow < 1:
@@ -81,7 +119,8 @@ def check_conv(x, weight, bias, residual, stride, padding, dilation, groups) -> 
         _check_tensor(residual, "residual", like=x)
         if tuple(residual.shape) != (n, cout, oh, ow):
             raise ValueError(
-                f"residual must have the output's shape {(n, cout, oh, ow)}, got {tuple(residual.shape)}"
+                f"residual must have the output's shape {(n, cout, oh, ow)} (no broadcasting), "
+                f"got {tuple(residual.shape)}"
             )
     return n, cout, oh, ow
 
@@ -90,4 +129,6 @@ def check_add_relu(x, y) -> None:
     _check_tensor(x, "x")
     _check_tensor(y, "y", like=x)
     if x.shape != y.shape:
-        raise ValueError(f"add_relu needs x and y of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"add_relu needs x and y of one shape (no broadcasting), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )

@@ -17,6 +17,9 @@ from fused_resnet.parity import parity, top1_agreement
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# The quick GPU set (`-m "gpu and not slow"`) covers each kind of block and conv; the rest are `slow`.
+QUICK = {"resnet18", "resnet50", "resnext50_32x4d", "resnet50_dilated", "resnet50_frozen_bn"}
+ARCHS = [a if a in QUICK else pytest.param(a, marks=pytest.mark.slow) for a in ARCHITECTURES]
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,7 +37,7 @@ def _backends():
     return backends.NAMES if not torch.cuda.is_available() else backends.available("cuda")
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

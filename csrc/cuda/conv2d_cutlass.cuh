@@ -167,7 +167,8 @@ struct ConvKernel {
       float,                                 // accumulator
       cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, typename Shape::Threadblock, typename Shape::Warp,
       cutlass::gemm::GemmShape<16, 8, 16>, Epilogue, cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<4>,
-      Shape::kStages, cutlass::arch::OpMultiplyAdd, kIteratorAlgorithm, cutlass::conv::StrideSupport::kStrided,
+      Shape::kStages, cutlass::arch::OpMultiplyAdd, kIteratorAlgorithm,
+      cutlass::conv::StrideSupport::kStrided,  // fprop's iterators take any stride; the flag matters for dgrad
       kAlignment, kAlignment>::Kernel;
 
   using Device = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;

@@ -25,6 +25,7 @@ Every backend module exposes the same five names, so the op layer can treat them
 from __future__ import annotations
 
 import importlib
+import threading
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -50,6 +51,10 @@ _MODULES = {
 }
 _loaded: dict[str, ModuleType] = {}
 _warned: set[tuple[str, str]] = set()
+# Guards the first import of a backend and the warning bookkeeping against concurrent callers. Calls
+# after the first only read `_loaded`, without the lock. Reentrant, in case importing a backend
+# module asks for a backend.
+_lock = threading.RLock()
 
 
 def get(name: str) -> ModuleType:
@@ -60,7 +65,10 @@ def get(name: str) -> ModuleType:
         )
     module = _loaded.get(name)
     if module is None:
-        module = _loaded[name] = importlib.import_module(_MODULES[name])
+        with _lock:
+            module = _loaded.get(name)
+            if module is None:
+                module = _loaded[name] = importlib.import_module(_MODULES[name])
     return module
 
 
@@ -76,9 +84,13 @@ def available(device: torch.device | str) -> list[str]:
 
 
 def _warn_once(key: tuple[str, str], message: str) -> None:
-    if key not in _warned:
+    if key in _warned:
+        return
+    with _lock:
+        if key in _warned:  # another thread warned first
+            return
         _warned.add(key)
-        warnings.warn(message, stacklevel=4)
+    warnings.warn(message, stacklevel=4)
 
 
 def _select(name: str, device: torch.device, what: str, reason_of, tune=None) -> ModuleType:

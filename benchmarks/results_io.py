@@ -1,0 +1,86 @@
+"""What every benchmark run records about itself, and how its rows are written.
+
+One run writes benchmarks/results/<name>-<UTC time>.json (every row carries the environment), a
+Markdown table beside it, and a PNG chart when matplotlib is there.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment(device: torch.device) -> dict:
+    """GPU, driver and software versions, commit and time: stamped on every row."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "driver": None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "commit": commit,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.split("\n")[0].strip() or None
+        except OSError:
+            pass
+    return env
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value):
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write(name: str, rows: list[dict], columns: list[str], env: dict, summary: str = "", chart=None) -> Path:
+    """Writes the JSON rows, the Markdown table (with `summary` under it) and, if given, a chart.
+
+    `chart(path)` draws the PNG; it is skipped when matplotlib is missing.
+    """
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = env["time"].replace(":", "").replace("+0000", "Z").replace("+00:00", "Z")
+    base = RESULTS / f"{name}-{stamp}"
+    base.with_suffix(".json").write_text(json.dumps([{**row, **env} for row in rows], indent=1) + "\n")
+    header = (
+        f"# {name}\n\n{env['device']}, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, "
+        f"CUDA {env['cuda']}, cuDNN {env['cudnn']}, commit {env['commit']}, {env['time']}\n\n"
+    )
+    base.with_suffix(".md").write_text(header + markdown_table(rows, columns) + "\n\n" + summary + "\n")
+    if chart is not None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            chart(base.with_suffix(".png"))
+        except ImportError:
+            pass
+    return base

@@ -1,0 +1,31 @@
+"""The end-to-end peers on the CPU through pytest-benchmark (not part of the test suite):
+
+    python -m pytest benchmarks/test_cpu_benchmarks.py --benchmark-only
+
+Small inputs, so it runs anywhere; the GPU numbers come from end_to_end.py.
+"""
+
+import pytest
+import torch
+
+from fused_resnet import peers
+from fused_resnet.architectures import build
+from fused_resnet.parity import relative_error
+
+CPU_PEERS = [p for p in peers.ALL if peers.unavailable_reason(p, torch.device("cpu")) is None and "compile" not in p]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build("resnet50", torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("peer", CPU_PEERS)
+def test_resnet50_cpu(benchmark, model, peer):
+    run = peers.build(peer, model, torch.float32)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        expected = model(x)
+        benchmark.extra_info["peer"] = peer
+        out = benchmark(run, x)
+    assert relative_error(out, expected) < 1e-5  # relative to max|logit|: fp32 rounding only

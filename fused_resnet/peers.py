@@ -1,0 +1,69 @@
+"""The ways of running a ResNet that fused_resnet is measured against, and its own ways, by name.
+
+Each peer is built from one eval-mode model and returns a callable taking the NCHW input batch;
+every peer converts layout inside its call when it needs to, as a user would have to.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import fused_resnet as fr
+
+from . import backends
+
+EAGER = ("eager NCHW", "eager channels_last")
+COMPILED = ("compile default", "compile max-autotune+freezing", "compile reduce-overhead")
+OURS = ("ours triton", "ours cuda", "ours auto", "ours auto + CUDA graph")
+ALL = (*EAGER, *COMPILED, "cudnn fused", *OURS)
+_BACKEND_OF = {"cudnn fused": "cudnn", "ours triton": "triton", "ours cuda": "cuda", "ours auto": "auto"}
+
+
+def _compiled(model: nn.Module, mode: str, freezing: bool = False) -> Callable:
+    compiled = torch.compile(model, mode=mode, dynamic=False)  # one specialised graph per batch size
+    first = [True]
+
+    def run(x):
+        x = x.contiguous(memory_format=torch.channels_last)
+        if first[0]:  # compilation happens on the first call: that is when freezing must be on
+            first[0] = False
+            with torch._inductor.config.patch(freezing=freezing):
+                return compiled(x)
+        return compiled(x)
+
+    return run
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why a peer cannot run on `device`, or None."""
+    backend = _BACKEND_OF.get(name)
+    if backend not in (None, "auto"):
+        return backends.get(backend).unavailable_reason(device)
+    if name in ("ours auto + CUDA graph", "compile reduce-overhead") and device.type != "cuda":
+        return "needs CUDA graphs"
+    return None
+
+
+def build(name: str, model: nn.Module, dtype: torch.dtype) -> Callable:
+    """Peer `name` for `model` (on its device, eval mode), computing in `dtype`."""
+    model = copy.deepcopy(model).to(dtype).eval()
+    if name == "eager NCHW":
+        return lambda x: model(x)
+    channels_last = model.to(memory_format=torch.channels_last)
+    if name == "eager channels_last":
+        return lambda x: channels_last(x.contiguous(memory_format=torch.channels_last))
+    if name == "compile default":
+        return _compiled(channels_last, "default")
+    if name == "compile max-autotune+freezing":
+        return _compiled(channels_last, "max-autotune", freezing=True)
+    if name == "compile reduce-overhead":
+        return _compiled(channels_last, "reduce-overhead")
+    if name == "ours auto + CUDA graph":
+        return fr.CUDAGraphModule(fr.fuse(model, backend="auto"))
+    if name in _BACKEND_OF:
+        return fr.fuse(model, backend=_BACKEND_OF[name])
+    raise ValueError(f"unknown peer {name!r}; known: {', '.join(ALL)}")
