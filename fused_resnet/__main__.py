@@ -2,25 +2,39 @@
 
     python -m fused_resnet                 fuse a random resnet50, check parity, time eager vs fused
     python -m fused_resnet run  [options]  the same, with options
+    python -m fused_resnet bench [--peers ...]  time one model against eager, torch.compile, cuDNN
     python -m fused_resnet verify [options] parity of every architecture (or those named)
+    python -m fused_resnet convert --out model.pt2|model.onnx [options]
+                                           export a fused model (torchvision weights or random)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import os
+import pickle
 import sys
+import warnings
+from pathlib import Path
 
 import torch
+from torch import nn
 
 import fused_resnet as fr
 
-from . import backends
+from . import backends, peers
 from .architectures import ARCHITECTURES, build
-from .parity import parity, top1_agreement
+from .export import ONNX_DTYPES, export_program
+from .parity import parity, relative_error, top1_agreement
 from .timing import quantiles, time_ms
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class UsageError(Exception):
+    """Something the user asked for that cannot be done: reported like an argparse error (exit code 2)."""
 
 
 def _device(name: str) -> torch.device:
@@ -67,23 +81,34 @@ def run(args) -> int:
     result, agreement = check_parity(args.arch, args, generator)
     print(f"parity vs float64 eager: {result}; top-1 agreement with fp32 eager: {agreement:.1%}")
 
-    model = build(args.arch, generator).to(device=args.device, dtype=dtype)
-    fused = fr.fuse(model, backend=args.backend)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=generator).to(args.device, dtype)
-    x_channels_last = x.contiguous(memory_format=torch.channels_last)
-    model_channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    candidates = {
-        "eager NCHW": lambda: model(x),
-        "eager channels_last": lambda: model_channels_last(x_channels_last),
-        f"fused ({args.backend})": lambda: fused(x),
-    }
-    print(f"{'':24s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'img/s':>9s} {'vs eager':>8s}")
-    baseline = None
-    for name, fn in candidates.items():
-        p20, median, p80 = quantiles(time_ms(fn, args.device, iters=args.iters))
-        baseline = baseline or median
-        print(f"{name:24s} {median:10.2f} {p20:8.2f} {p80:8.2f} {args.batch / median * 1e3:9.1f} {baseline / median:7.2f}x")
+    time_peers(args, generator)
     return 0 if result.ok else 1
+
+
+def time_peers(args, generator: torch.Generator) -> None:
+    """Times fused_resnet and its peers on one random batch and prints a table, fastest ratio last."""
+    dtype = DTYPES[args.dtype]
+    model = build(args.arch, generator).to(args.device)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=generator).to(args.device, dtype)
+    names = args.peers or list(dict.fromkeys([*peers.EAGER, "cudnn fused", peers.of_backend(args.backend), "ours auto + CUDA graph"]))
+    print(f"{'':30s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'img/s':>9s} {'vs eager':>8s}")
+    baseline = None
+    for name in names:
+        reason = peers.unavailable_reason(name, args.device)
+        if reason is not None:
+            print(f"{name:30s} skipped: {reason}")
+            continue
+        run_peer = peers.build(name, model, dtype)
+        p20, median, p80 = quantiles(time_ms(lambda: run_peer(x), args.device, iters=args.iters))
+        baseline = baseline or median
+        print(f"{name:30s} {median:10.2f} {p20:8.2f} {p80:8.2f} {args.batch / median * 1e3:9.1f} {baseline / median:7.2f}x", flush=True)
+
+
+def bench(args) -> int:
+    _defaults(args)
+    print(f"{args.arch}, batch {args.batch}, {args.image_size}x{args.image_size}, {args.dtype}, on {args.device}")
+    time_peers(args, torch.Generator().manual_seed(args.seed))
+    return 0
 
 
 def verify(args) -> int:
@@ -98,6 +123,134 @@ def verify(args) -> int:
     return 1 if failures else 0
 
 
+def _listed(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_torchvision_weights(arch: str, path: Path) -> nn.Module:
+    """The torchvision model `arch` in eval mode with the state_dict saved in `path`.
+
+    Its number of classes is that of the file's fc.weight, so a fine-tuned head loads as well.
+    """
+    wanted = "a state_dict, as written by torch.save(model.state_dict(), path)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"weights file {path} does not exist") from None
+    except pickle.UnpicklingError:
+        raise UsageError(
+            f"cannot read {path} as {wanted}: it is not a torch.save file, or it holds Python objects other than "
+            "tensors (a whole model saved with torch.save(model)?)"
+        ) from None
+    except Exception as error:  # the file is the user's: whatever it holds, say why it cannot be read
+        reason = f"{type(error).__name__}: {error}"
+        raise UsageError(f"cannot read {path} as {wanted}: not a torch.save file ({reason})") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} holds a {type(state).__name__}, not {wanted}")
+    not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UsageError(f"{path} holds a dict whose entries {_listed(not_tensors)} are not tensors, not {wanted}")
+    constructor, kwargs = ARCHITECTURES[arch]
+    fc = state.get("fc.weight")
+    num_classes = fc.shape[0] if fc is not None and fc.dim() == 2 else 1000
+    model = constructor(weights=None, num_classes=num_classes, **kwargs).eval()
+    expected = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    # load_state_dict, not a comparison of keys, decides what is missing: some modules (FrozenBatchNorm2d)
+    # drop keys of the file on purpose.
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
+    problems = []
+    missing = [k for k in result.missing_keys if k not in mismatched]
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_listed(missing)}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys ({len(result.unexpected_keys)}): {_listed(result.unexpected_keys)}")
+    if mismatched:
+        shapes = [f"{k} is {tuple(state[k].shape)} here, {tuple(expected[k].shape)} in {arch}" for k in mismatched]
+        problems.append(f"shapes that differ ({len(mismatched)}): {_listed(shapes)}")
+    if problems:
+        raise UsageError(f"{path} does not hold {arch} weights: " + "; ".join(problems))
+    return model
+
+
+def _artifact_runner(path: Path):
+    """A callable running the artifact written to `path`, and how it was loaded; None if it cannot be."""
+    if path.suffix == ".pt2":
+        return torch.export.load(path).module(), "torch.export.load"
+    try:
+        import onnxruntime
+    except ImportError:
+        return None, "onnxruntime is not installed"
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0]).to(x.device)
+
+    return run, "onnxruntime, CPUExecutionProvider"
+
+
+@torch.no_grad()
+def convert(args) -> int:
+    out, dtype, device = Path(args.out), DTYPES[args.dtype], torch.device(args.device)
+    if out.suffix not in (".pt2", ".onnx"):
+        raise UsageError(f"--out {out}: unknown extension {out.suffix!r}; use .pt2 (torch.export) or .onnx")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise UsageError(f"--out {out}: {out.parent} is not a directory this process can write to")
+    if out.suffix == ".onnx":
+        if dtype not in ONNX_DTYPES:
+            raise UsageError(f"--dtype {args.dtype} cannot be written to ONNX, whose Conv takes no {args.dtype}")
+        missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UsageError(f"writing ONNX needs {' and '.join(missing)}: pip install onnx onnxscript")
+    if args.batch < 2:
+        raise UsageError(f"--batch must be at least 2 (got {args.batch}): torch.export would fix the batch size")
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.weights is None:
+        model, source = build(args.arch, generator), "random weights, BatchNorm statistics randomised (no --weights)"
+    else:
+        model = load_torchvision_weights(args.arch, Path(args.weights))
+        source = f"weights from {args.weights} ({model.fc.out_features} classes)"
+    model = model.to(device)
+    fused = fr.fuse(model, dtype=dtype)
+    size = args.image_size
+    print(f"fused_resnet {fr.__version__} | torch {torch.__version__} | {args.arch}, {args.dtype}, device {device}")
+    print(f"model: {source}")
+
+    example = torch.randn(args.batch, 3, size, size, generator=generator).to(device, dtype)
+    if out.suffix == ".onnx":
+        fr.export_onnx(fused, (example,), out)
+        what = "ONNX, standard operators only"
+    else:
+        with warnings.catch_warnings():
+            # torch.export.save says so of every weight that is not contiguous (ours are channels_last), and
+            # then saves it correctly.
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            torch.export.save(export_program(fused, (example,), decompose=True), out)
+        what = "torch.export program of aten ops (fused ops decomposed; loading it needs no fused_resnet)"
+    print(f"wrote {out}: {what}; input (batch, 3, {size}, {size}) {args.dtype}, any batch size")
+
+    run_artifact, how = _artifact_runner(out)
+    if run_artifact is None:
+        print(f"not re-loaded to check it: {how}")
+        return 0
+    # A batch other than the example's shows that the batch dimension stayed dynamic.
+    reference, eager = copy.deepcopy(model).double(), copy.deepcopy(model).to(dtype)
+    batches, results = (args.batch, args.batch + 1), []
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size, generator=generator).to(device, dtype)
+        result = run_artifact(x)
+        results.append((parity(result, eager(x), reference(x.double())), relative_error(result, fused(x))))
+    ok = all(check.ok and difference <= check.bound for check, difference in results)
+    worst = max((check for check, _ in results), key=lambda check: check.error)
+    print(
+        f"re-loaded {out} ({how}), ran random batches of {batches[0]} and {batches[1]}: "
+        f"{'matches' if ok else 'DOES NOT MATCH'} the fused model (relative difference "
+        f"{max(difference for _, difference in results):.1e}) and float64 eager ({worst})"
+    )
+    return 0 if ok else 1
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on a GPU, else float32")
@@ -110,13 +263,36 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused_resnet", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command")
-    run_parser = commands.add_parser("run", help="fuse one model, check parity, time eager vs fused (the default)")
-    run_parser.add_argument("--arch", default="resnet50", choices=list(ARCHITECTURES))
-    run_parser.add_argument("--iters", type=int, default=10)
-    _common(run_parser)
+    for command, text in (
+        ("run", "fuse one model, check parity, time it against eager and cuDNN (the default)"),
+        ("bench", "time one model: ours against the peers named with --peers"),
+    ):
+        timing_parser = commands.add_parser(command, help=text)
+        timing_parser.add_argument("--arch", default="resnet50", choices=list(ARCHITECTURES))
+        timing_parser.add_argument("--iters", type=int, default=10)
+        timing_parser.add_argument("--peers", nargs="+", choices=list(peers.ALL), default=None, metavar="PEER", help=f"from: {', '.join(peers.ALL)}")
+        _common(timing_parser)
     verify_parser = commands.add_parser("verify", help="parity of every architecture against float64 eager")
     verify_parser.add_argument("archs", nargs="*", metavar="ARCH", help=f"default: all of {', '.join(ARCHITECTURES)}")
     _common(verify_parser)
+    convert_parser = commands.add_parser(
+        "convert", help="export a fused model to .pt2 (torch.export) or .onnx, re-load it and check it"
+    )
+    convert_parser.add_argument("--arch", default="resnet50", choices=list(ARCHITECTURES))
+    convert_parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="torch.save(model.state_dict()) of a torchvision model of that architecture, any number of classes "
+        "(default: random weights)",
+    )
+    convert_parser.add_argument("--out", required=True, metavar="FILE", help="model.pt2 (torch.export) or model.onnx")
+    convert_parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    convert_parser.add_argument(
+        "--batch", type=int, default=2, help="example batch to trace and check with (>= 2); the artifact takes any"
+    )
+    convert_parser.add_argument("--image-size", type=int, default=224)
+    convert_parser.add_argument("--device", default="cpu", help="the device the exported program runs on")
+    convert_parser.add_argument("--seed", type=int, default=0)
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -125,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [arch for arch in getattr(args, "archs", []) if arch not in ARCHITECTURES]
     if unknown:
         parser.error(f"unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}")
-    return {"run": run, "verify": verify}[args.command](args)
+    try:
+        return {"run": run, "bench": bench, "verify": verify, "convert": convert}[args.command](args)
+    except UsageError as error:
+        commands.choices[args.command].error(str(error))
 
 
 if __name__ == "__main__":

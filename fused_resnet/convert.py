@@ -19,15 +19,21 @@ def _is_plain_resnet(model: nn.Module) -> bool:
     return isinstance(model, ResNet) and cls.forward is ResNet.forward and cls._forward_impl is ResNet._forward_impl
 
 
-def _swap_blocks(module: nn.Module, backend: str, dtype) -> int:
-    """Replaces, in place, every BasicBlock/Bottleneck below `module` by its fused twin; returns how many."""
+def _swap_blocks(module: nn.Module, backend: str, dtype, fused: dict[int, tuple] | None = None) -> int:
+    """Replaces, in place, every BasicBlock/Bottleneck below `module` by its fused twin; returns how many.
+
+    A block used at several places (the same object twice) gets one fused twin, shared the same way.
+    """
+    fused = {} if fused is None else fused
     count = 0
-    for name, child in module.named_children():
+    for name, child in list(module._modules.items()):  # unlike named_children(), repeats shared modules
         if isinstance(child, (BasicBlock, Bottleneck)):
-            setattr(module, name, fuse_block(child, backend, dtype))
+            if id(child) not in fused:  # holding the block keeps its id from being reused
+                fused[id(child)] = (child, fuse_block(child, backend, dtype))
+            setattr(module, name, fused[id(child)][1])
             count += 1
-        else:
-            count += _swap_blocks(child, backend, dtype)
+        elif child is not None:
+            count += _swap_blocks(child, backend, dtype, fused)
     return count
 
 

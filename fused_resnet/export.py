@@ -80,7 +80,7 @@ def export_onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batc
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     unsupported = sorted(str(d) for d in dtypes if d not in ONNX_DTYPES)
     if unsupported:
-        raise TypeError(f"the model holds {', '.join(unsupported)} tensors; ONNX Conv takes float32, float16 or float64")
+        raise TypeError(f"the model holds {', '.join(unsupported)} tensors; ONNX Conv takes float32, float16, float64")
     exported = export_program(model, args, dynamic_batch=dynamic_batch, decompose=True)
     program = torch.onnx.export(exported, _as_tuple(args), dynamo=True, verbose=False)
     if dynamic_batch:

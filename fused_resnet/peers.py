@@ -18,9 +18,9 @@ from . import backends
 
 EAGER = ("eager NCHW", "eager channels_last")
 COMPILED = ("compile default", "compile max-autotune+freezing", "compile reduce-overhead")
-OURS = ("ours triton", "ours cuda", "ours auto", "ours auto + CUDA graph")
+OURS = ("ours torch", "ours triton", "ours cuda", "ours auto", "ours auto + CUDA graph")
 ALL = (*EAGER, *COMPILED, "cudnn fused", *OURS)
-_BACKEND_OF = {"cudnn fused": "cudnn", "ours triton": "triton", "ours cuda": "cuda", "ours auto": "auto"}
+_BACKEND_OF = {"cudnn fused": "cudnn", "ours torch": "torch", "ours triton": "triton", "ours cuda": "cuda", "ours auto": "auto"}
 
 
 def _compiled(model: nn.Module, mode: str, freezing: bool = False) -> Callable:
@@ -36,6 +36,11 @@ def _compiled(model: nn.Module, mode: str, freezing: bool = False) -> Callable:
         return compiled(x)
 
     return run
+
+
+def of_backend(backend: str) -> str:
+    """The peer that runs fr.fuse(model, backend=backend)."""
+    return next(name for name, b in _BACKEND_OF.items() if b == backend)
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:

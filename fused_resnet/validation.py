@@ -51,7 +51,7 @@ def check_types(tensors: dict, optional: dict | None = None, *, groups=1, relu=T
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {relu!r}")
     if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str ('auto', 'torch', 'triton' or 'cuda'), got {backend!r}")
+        raise TypeError(f"backend must be a str, a backend's name or 'auto', got {backend!r}")
 
 
 def _check_tensor(t: torch.Tensor, name: str, like: torch.Tensor | None = None) -> None:

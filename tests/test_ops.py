@@ -185,16 +185,65 @@ def test_unsupported_case_falls_back_to_reference_with_one_warning(monkeypatch):
         (dict(groups=3), ValueError, "x has 8 channels but weight"),
         (dict(groups=0), ValueError, "groups must be a positive int"),
         (dict(weight=torch.randn(16, 8, 11, 11)), ValueError, "larger than the padded input"),
+        (dict(weight=torch.randn(16, 8, 3, 3), padding=(1, 0), dilation=(1, 5)), ValueError, "larger than the padded input"),
+        # not tensors, or not the kind of value the schema takes
+        (dict(x=None), TypeError, "x must be a torch.Tensor, got NoneType"),
+        (dict(x=[[1.0, 2.0]]), TypeError, "x must be a torch.Tensor, got list"),
+        (dict(weight=[[1.0]]), TypeError, "weight must be a torch.Tensor, got list"),
+        (dict(bias=[0.0] * 16), TypeError, "bias must be a torch.Tensor or None, got list"),
+        (dict(stride=(1, 1, 1)), TypeError, "stride must be an int or a pair of ints"),
+        (dict(stride=1.5), TypeError, "stride must be an int or a pair of ints"),
+        (dict(dilation=(True, 1)), TypeError, "dilation must be an int or a pair of ints"),
+        (dict(groups=1.0), TypeError, "groups must be an int, got 1.0"),
+        (dict(relu="yes"), TypeError, "relu must be a bool"),
+        (dict(backend=None), TypeError, "backend must be a str"),
+        (dict(backend="cudnn9"), ValueError, "unknown backend 'cudnn9'"),
+        # dtypes and layouts
+        (dict(x=torch.zeros(2, 8, 9, 9, dtype=torch.bool)), TypeError, "x has dtype torch.bool; supported"),
+        (dict(x=torch.randn(2, 8, 9, 9, dtype=torch.complex64)), TypeError, "x has dtype torch.complex64; supported"),
+        (dict(bias=torch.arange(16)), TypeError, "bias has dtype torch.int64; supported"),
+        (dict(residual=torch.randn(2, 16, 9, 9, dtype=torch.float16)), TypeError, "residual has dtype torch.float16 but"),
+        (dict(x=torch.randn(2, 8, 9, 9).to_sparse()), TypeError, "x has layout torch.sparse_coo; only dense"),
+        # devices (the meta device stands in for a second device)
+        (dict(weight=torch.randn(16, 8, 1, 1, device="meta")), ValueError, "weight is on meta but the input x is on cpu"),
+        (dict(bias=torch.randn(16, device="meta")), ValueError, "bias is on meta but the input x is on cpu"),
+        (dict(residual=torch.randn(2, 16, 9, 9, device="meta")), ValueError, "residual is on meta but the input x is on"),
+        # shapes
+        (dict(x=torch.randn(2, 8, 9)), ValueError, "x must be a 4-D"),
+        (dict(weight=torch.randn(16, 8, 1, 1, 1)), ValueError, "weight must be a 4-D"),
+        (dict(weight=torch.randn(0, 8, 1, 1)), ValueError, r"weight of shape \(0, 8, 1, 1\) is empty"),
+        (dict(x=torch.randn(2, 0, 9, 9), weight=torch.randn(16, 0, 1, 1)), ValueError, "is empty"),
+        (dict(weight=torch.randn(16, 8, 0, 1)), ValueError, "is empty"),
+        (dict(x=torch.randn(2, 8, 0, 9), padding=1), ValueError, "has no pixels; H and W must be at least 1"),
+        (dict(weight=torch.randn(15, 4, 1, 1), groups=2), ValueError, "15 output channels, which groups=2 does not divide"),
+        (dict(bias=torch.randn(1)), ValueError, r"bias must have shape \(16,\)"),
+        (dict(residual=torch.randn(1, 16, 1, 1)), ValueError, r"shape \(2, 16, 9, 9\) \(no broadcasting\), got \(1, 16, 1, 1\)"),
+        (dict(residual=torch.randn(16, 9, 9)), ValueError, "residual must have the output's shape"),
     ],
 )
 def test_invalid_arguments_raise_clear_errors(change, error, match):
     args = dict(x=torch.randn(2, 8, 9, 9), weight=torch.randn(16, 8, 1, 1), bias=None, residual=None)
     args.update(change)
-    kwargs = {k: args.pop(k) for k in ("stride", "padding", "dilation", "groups") if k in args}
+    kwargs = dict(backend="torch")
+    kwargs.update({k: args.pop(k) for k in ("stride", "padding", "dilation", "groups", "relu", "backend") if k in args})
     with pytest.raises(error, match=match):
-        ops.conv2d_bias_act(args["x"], args["weight"], args["bias"], args["residual"], backend="torch", **kwargs)
+        ops.conv2d_bias_act(args["x"], args["weight"], args["bias"], args["residual"], **kwargs)
 
 
-def test_add_relu_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="one shape"):
-        ops.add_relu(torch.randn(2, 3), torch.randn(3, 2), backend="torch")
+@pytest.mark.parametrize(
+    "x, y, backend, error, match",
+    [
+        (torch.randn(2, 3), torch.randn(3, 2), "torch", ValueError, "one shape"),
+        (torch.randn(2, 3), torch.randn(1, 3), "torch", ValueError, r"one shape \(no broadcasting\)"),
+        (torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64), "torch", TypeError, "y has dtype torch.float64 but"),
+        (torch.randn(2, 3), torch.randn(2, 3, device="meta"), "torch", ValueError, "y is on meta but the input x is on cpu"),
+        (torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32), "torch", TypeError, "int32; supported"),
+        (None, torch.randn(2, 3), "torch", TypeError, "x must be a torch.Tensor, got NoneType"),
+        (torch.randn(2, 3), [1.0, 2.0, 3.0], "torch", TypeError, "y must be a torch.Tensor, got list"),
+        (torch.randn(2, 3), torch.randn(2, 3), "fast", ValueError, "unknown backend 'fast'"),
+        (torch.randn(2, 3), torch.randn(2, 3), 1, TypeError, "backend must be a str"),
+    ],
+)
+def test_add_relu_rejects_bad_arguments(x, y, backend, error, match):
+    with pytest.raises(error, match=match):
+        ops.add_relu(x, y, backend=backend)
