@@ -131,8 +131,7 @@ def main(argv=None) -> int:
     summary = goals(rows)
     print(summary)
     if not args.no_write:
-        base = write("end_to_end", rows, COLUMNS, environment(device), summary, chart(rows))
-        print(f"wrote {base}.json, .md" + (", .png" if base.with_suffix(".png").exists() else ""))
+        write("end_to_end", rows, COLUMNS, environment(device), summary, chart(rows))
     return 0
 
 

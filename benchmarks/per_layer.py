@@ -172,8 +172,7 @@ def main(argv=None) -> int:
     text = summary(rows, peaks)
     print(text)
     if not args.no_write:
-        base = write("per_layer", rows, COLUMNS, environment(device), text, chart(rows))
-        print(f"wrote {base}.json, .md" + (", .png" if base.with_suffix(".png").exists() else ""))
+        write("per_layer", rows, COLUMNS, environment(device), text, chart(rows))
     return 0
 
 

@@ -83,4 +83,6 @@ def write(name: str, rows: list[dict], columns: list[str], env: dict, summary: s
             chart(base.with_suffix(".png"))
         except ImportError:
             pass
+    written = [base.with_suffix(suffix) for suffix in (".json", ".md", ".png")]
+    print("wrote " + ", ".join(str(path) for path in written if path.exists()))
     return base

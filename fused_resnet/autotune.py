@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import time_ms
+
 _lock = threading.RLock()
 _choices: dict[str, str] | None = None  # layer key -> backend name, for this machine's environment
 _progress = None
@@ -84,18 +86,9 @@ def _save(device: torch.device) -> None:
         pass  # an unwritable cache costs a re-measurement next time, nothing more
 
 
-def _median_ms(fn: Callable[[], object], warmup: int = 2, reps: int = 5) -> float:
-    for _ in range(warmup):  # the first call may compile or autotune a kernel
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def _median_ms(fn: Callable[[], object]) -> float:
+    # Two warm-up calls: the first may compile or autotune a kernel.
+    return statistics.median(time_ms(fn, torch.device("cuda"), iters=5, warmup=2))
 
 
 def _tick() -> None:
