@@ -126,49 +126,43 @@ def _select(name: str, device: torch.device, what: str, reason_of, tune=None) ->
     return reference
 
 
-# backend="auto" on a GPU: the backend measured fastest for each layer, by a cheap hashable key.
+# backend="auto" on a GPU: the backend measured fastest for each layer, by a cheap hashable key, so
+# that after the first call a layer's backend is one dict lookup away.
 _auto_choice: dict[tuple, ModuleType] = {}
 
 
-def _tuned(key: tuple, run) -> Callable[[list[ModuleType]], ModuleType]:
-    """A `tune` for _select: the remembered choice for `key`, or a measurement of `run(backend)`."""
+def _measure(key: tuple, run) -> Callable[[list[ModuleType]], ModuleType]:
+    """A `tune` for _select: times `run(backend)` for each candidate (autotune keeps it on disk)."""
 
     def tune(candidates: list[ModuleType]) -> ModuleType:
-        chosen = _auto_choice.get(key)
-        if chosen is None:
-            from .. import autotune
+        from .. import autotune
 
-            device = key[1]
-            name = autotune.choose(
-                device, " ".join(map(str, key)), {b.NAME: (lambda b=b: run(b)) for b in candidates}
-            )
-            chosen = _auto_choice[key] = get(name)
-        return chosen
+        runs = {b.NAME: (lambda b=b: run(b)) for b in candidates}
+        return get(autotune.choose(key[1], " ".join(map(str, key)), runs))
 
     return tune
 
 
 def select_conv(name, x, weight, bias, residual, stride, padding, dilation, groups, relu=True, out=None) -> ModuleType:
-    tune = None
-    if name == "auto" and x.device.type == "cuda" and out is not None:
-        key = (
-            "conv2d_bias_act", x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(),
-            bias is not None, None if residual is None else residual.stride(),
-            tuple(stride), tuple(padding), tuple(dilation), groups, relu,
-        )  # fmt: skip
-        tune = _tuned(
-            key,
-            lambda b: b.conv2d_bias_act(
-                torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, groups, relu
-            ),
+    def reason_of(b):
+        return b.conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
+
+    if name != "auto" or x.device.type != "cuda" or out is None:
+        return _select(name, x.device, "convolution", reason_of)
+    key = (
+        "conv2d_bias_act", x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(),
+        bias is not None, None if residual is None else residual.stride(),
+        tuple(stride), tuple(padding), tuple(dilation), groups, relu,
+    )  # fmt: skip
+    chosen = _auto_choice.get(key)
+    if chosen is None:
+        run = lambda b: b.conv2d_bias_act(  # noqa: E731
+            torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, groups, relu
         )
-    return _select(
-        name,
-        x.device,
-        "convolution",
-        lambda b: b.conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups),
-        tune,
-    )
+        chosen = _select(name, x.device, "convolution", reason_of, _measure(key, run))
+        if not torch.cuda.is_current_stream_capturing():  # inside a capture nothing was measured
+            _auto_choice[key] = chosen
+    return chosen
 
 
 def select_add_relu(name, x, y) -> ModuleType:
