@@ -226,7 +226,7 @@ def convert(args) -> int:
             # torch.export.save says so of every weight that is not contiguous (ours are channels_last), and
             # then saves it correctly.
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            torch.export.save(export_program(fused, (example,), decompose=True), out)
+            torch.export.save(export_program(fused, (example,), lower_to="aten"), out)
         what = "torch.export program of aten ops (fused ops decomposed; loading it needs no fused_resnet)"
     print(f"wrote {out}: {what}; input (batch, 3, {size}, {size}) {args.dtype}, any batch size")
 

@@ -1,10 +1,15 @@
 """Exporting a fused model: torch.export with a dynamic batch, and ONNX made of standard operators only.
 
-A fused model's graph holds our ops, fused_resnet::conv2d_bias_act and fused_resnet::add_relu. A
-program that keeps them runs on our kernels, but only in a Python process that has imported
-fused_resnet. One that must run without our Python code (torch.export.load in plain PyTorch, an
-AOTInductor package loaded from C++, ONNX) has them decomposed into the aten ops they compute:
-convolution with the folded weights and bias, add, relu.
+A fused model's graph holds our ops, fused_resnet::conv2d_bias_act and fused_resnet::add_relu, which
+pick a backend in Python on every call. export_program lowers them to one of three forms (`lower_to`):
+
+    "fused"   kept as they are: the program runs on our kernels, in a Python process that imported
+              fused_resnet (an AOTInductor package calls back into Python for them).
+    "aten"    the aten ops they compute (convolution with the folded weights and bias, add, relu):
+              the program runs wherever PyTorch runs, and AOTInductor compiles all of it its own way.
+    "triton"  our Triton kernels as fused_resnet_triton ops (backends/triton/library.py): on CUDA,
+              AOTInductor compiles the kernels themselves into its package, which then runs them
+              without fused_resnet.
 """
 
 from __future__ import annotations
@@ -39,22 +44,59 @@ DECOMPOSITIONS = {
 }
 
 
+def _conv2d_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
+    return torch.ops.fused_resnet_triton.conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+
+def _add_relu_triton(x, y, backend):
+    return torch.ops.fused_resnet_triton.add_relu(x, y)
+
+
+# Our ops as the Triton ops that carry their kernels into AOTInductor, whatever backend each used.
+TRITON_DECOMPOSITIONS = {
+    torch.ops.fused_resnet.conv2d_bias_act.default: _conv2d_bias_act_triton,
+    torch.ops.fused_resnet.add_relu.default: _add_relu_triton,
+}
+LOWERINGS = ("fused", "aten", "triton")
+
+
+def _lowering_table(lower_to: str, args: tuple) -> dict | None:
+    if lower_to not in LOWERINGS:
+        raise ValueError(f"lower_to must be one of {', '.join(map(repr, LOWERINGS))}, got {lower_to!r}")
+    if lower_to == "fused":
+        return None
+    if lower_to == "aten":
+        return DECOMPOSITIONS
+    from . import backends
+
+    for device in {a.device for a in args if isinstance(a, Tensor)}:
+        reason = backends.get("triton").unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"lower_to='triton' needs inputs Triton runs on, got {device.type} tensors: {reason}")
+    from .backends.triton import library  # noqa: F401  (registers the fused_resnet_triton ops)
+
+    return TRITON_DECOMPOSITIONS
+
+
 def _as_tuple(args) -> tuple:
     return args if isinstance(args, tuple) else (args,)
 
 
 def export_program(
-    model: nn.Module, args, *, dynamic_batch: bool = True, decompose: bool = False
+    model: nn.Module, args, *, dynamic_batch: bool = True, lower_to: str = "fused"
 ) -> torch.export.ExportedProgram:
     """torch.export.export of `model` called on `args` (a tensor or a tuple of positional arguments).
 
     dynamic_batch: dim 0 of every tensor argument is one dynamic dimension, "batch", so the program
         takes any batch size. The example batch must then be at least 2: torch.export turns a size
         of 0 or 1 seen while tracing into a constant.
-    decompose: our ops are replaced by the aten ops they compute (DECOMPOSITIONS), so that the
-        program loads and runs without fused_resnet, and AOTInductor compiles all of it.
+    lower_to: what our ops become in the program: "fused" (kept), "aten" (DECOMPOSITIONS: the
+        program loads and runs without fused_resnet) or "triton" (TRITON_DECOMPOSITIONS: loading the
+        program needs fused_resnet, but an AOTInductor package compiled from it does not). See the
+        module docstring.
     """
     args = _as_tuple(args)
+    table = _lowering_table(lower_to, args)
     dynamic_shapes = None
     if dynamic_batch:
         batches = [a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0]
@@ -66,7 +108,7 @@ def export_program(
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if isinstance(a, Tensor) and a.dim() > 0 else None for a in args)
     exported = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
-    return exported.run_decompositions(DECOMPOSITIONS) if decompose else exported
+    return exported if table is None else exported.run_decompositions(table)
 
 
 def export_onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batch: bool = True) -> str:
@@ -81,7 +123,7 @@ def export_onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batc
     unsupported = sorted(str(d) for d in dtypes if d not in ONNX_DTYPES)
     if unsupported:
         raise TypeError(f"the model holds {', '.join(unsupported)} tensors; ONNX Conv takes float32, float16, float64")
-    exported = export_program(model, args, dynamic_batch=dynamic_batch, decompose=True)
+    exported = export_program(model, args, dynamic_batch=dynamic_batch, lower_to="aten")
     program = torch.onnx.export(exported, _as_tuple(args), dynamo=True, verbose=False)
     if dynamic_batch:
         inputs = program.model.graph.inputs

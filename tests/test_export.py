@@ -18,7 +18,7 @@ from fused_resnet import backends
 from fused_resnet.__main__ import main
 from fused_resnet.architectures import build
 from fused_resnet.export import export_program
-from fused_resnet.parity import parity, relative_error
+from fused_resnet.parity import parity, randomize_bn_, relative_error
 
 SIZE = 32
 
@@ -60,12 +60,12 @@ def test_compile_fullgraph_matches_eager_fused(model, fused):
 
 # torch.export.save warns about every weight that is not contiguous (ours are channels_last), then saves it right.
 @pytest.mark.filterwarnings("ignore:No complete tensor found")
-@pytest.mark.parametrize("decompose", [False, True], ids=["fused-ops", "decomposed"])
-def test_export_dynamic_batch_save_and_load(model, fused, decompose, tmp_path):
-    program = export_program(fused, _images(2), decompose=decompose)
+@pytest.mark.parametrize("lower_to", ["fused", "aten"])
+def test_export_dynamic_batch_save_and_load(model, fused, lower_to, tmp_path):
+    program = export_program(fused, _images(2), lower_to=lower_to)
     targets = _targets(program)
-    assert ("fused_resnet.conv2d_bias_act.default" in targets) != decompose
-    assert decompose == ("aten.convolution.default" in targets)
+    assert ("fused_resnet.conv2d_bias_act.default" in targets) == (lower_to == "fused")
+    assert ("aten.convolution.default" in targets) == (lower_to == "aten")
     torch.export.save(program, tmp_path / "model.pt2")
     loaded = torch.export.load(tmp_path / "model.pt2").module()
     for batch in (0, 1, 3):
@@ -80,10 +80,80 @@ def test_add_relu_decomposes_and_every_tensor_input_gets_the_batch_dimension():
             return fr.ops.add_relu(x, y)
 
     x, y = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
-    program = export_program(AddRelu(), (x, y), decompose=True)
+    program = export_program(AddRelu(), (x, y), lower_to="aten")
     assert _targets(program) == {"aten.add.Tensor", "aten.relu.default"}
     x, y = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
     torch.testing.assert_close(program.module()(x, y), torch.relu(x + y), rtol=0, atol=0)
+
+
+def test_unknown_lowering_is_refused(fused):
+    with pytest.raises(ValueError, match="lower_to must be one of 'fused', 'aten', 'triton', got 'onnx'"):
+        export_program(fused, _images(2), lower_to="onnx")
+
+
+def test_lowering_to_triton_needs_a_device_triton_runs_on(fused, monkeypatch):
+    monkeypatch.setattr(backends.get("triton"), "unavailable_reason", lambda device: "Triton runs on CUDA tensors")
+    with pytest.raises(ValueError, match="lower_to='triton' needs inputs Triton runs on, got cpu tensors"):
+        export_program(fused, _images(2), lower_to="triton")
+
+
+def _skip_without_triton(device):
+    if reason := backends.get("triton").unavailable_reason(torch.device(device)):
+        pytest.skip(reason)
+
+
+def test_resnet_lowers_to_triton_kernels_only(fused):
+    _skip_without_triton("cpu")
+    targets = _targets(export_program(fused, _images(2), lower_to="triton"))
+    assert "fused_resnet_triton.conv2d_bias_act.default" in targets
+    assert not {t for t in targets if t.startswith("fused_resnet.")}
+
+
+def _narrow_blocks():
+    """Two residual blocks with few channels (one downsampling): every kind of fused conv of a
+    ResNet, small enough for Triton's interpreter."""
+    downsample = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    blocks = nn.Sequential(
+        torchvision.models.resnet.BasicBlock(8, 16, stride=2, downsample=downsample),
+        torchvision.models.resnet.Bottleneck(16, 4),
+    )
+    return randomize_bn_(blocks.eval(), torch.Generator().manual_seed(0))
+
+
+@pytest.mark.filterwarnings("ignore:No complete tensor found")
+def test_export_lowered_to_triton_kernels(monkeypatch, tmp_path):
+    """lower_to="triton": the fused ops become Triton ops (which AOTInductor compiles into its
+    package on CUDA); the program saves, loads and matches at other batch sizes. On the CPU the
+    kernels run in Triton's interpreter; outputs are poisoned before the kernels write them."""
+    _skip_without_triton("cpu")
+    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
+    model = _narrow_blocks()
+    fused = fr.fuse(model)
+    images = lambda batch: torch.randn(batch, 8, 9, 7, generator=torch.Generator().manual_seed(batch))  # noqa: E731
+    program = export_program(fused, images(2), lower_to="triton")
+    assert _targets(program) == {"fused_resnet_triton.conv2d_bias_act.default"}
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    for batch in (1, 3):
+        x = images(batch)
+        with torch.no_grad():
+            assert_matches(loaded(x), fused, model, x)
+
+
+def test_add_relu_lowered_to_triton(monkeypatch):
+    _skip_without_triton("cpu")
+    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
+
+    class AddRelu(nn.Module):
+        def forward(self, x, y):
+            return fr.ops.add_relu(x, y)
+
+    x, y = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    program = export_program(AddRelu(), (x, y), lower_to="triton")
+    assert _targets(program) == {"fused_resnet_triton.add_relu.default"}
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x, y = (torch.randn(5, 4, 3, 3).contiguous(memory_format=memory_format) for _ in range(2))
+        torch.testing.assert_close(program.module()(x, y), torch.relu(x + y), rtol=0, atol=0)
 
 
 def test_export_needs_an_example_batch_of_two(fused):
@@ -95,7 +165,7 @@ def test_export_needs_an_example_batch_of_two(fused):
 def test_aoti_package_runs_without_fused_resnet(model, fused, tmp_path):
     """The decomposed program, compiled by AOTInductor, runs in a Python that never imports fused_resnet."""
     package = torch._inductor.aoti_compile_and_package(
-        export_program(fused, _images(2), decompose=True), package_path=str(tmp_path / "model.pt2")
+        export_program(fused, _images(2), lower_to="aten"), package_path=str(tmp_path / "model.pt2")
     )
     x = _images(3)
     torch.save(x, tmp_path / "x.pt")
@@ -264,7 +334,7 @@ def test_compile_fullgraph_on_cuda():
 @pytest.mark.gpu
 def test_aoti_decomposed_on_cuda(tmp_path):
     model, fused, x = _cuda_model_and_input()
-    program = export_program(fused, x, decompose=True)
+    program = export_program(fused, x, lower_to="aten")
     runner = torch._inductor.aoti_load_package(
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
     )
@@ -274,11 +344,35 @@ def test_aoti_decomposed_on_cuda(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_aoti_package_holds_the_triton_kernels(dtype, tmp_path):
+    """Lowered to Triton ops, the program compiles into an AOTInductor package that holds our
+    Triton kernels and runs them in a Python that never imports fused_resnet, at other batch sizes."""
+    model = build("resnet18", torch.Generator().manual_seed(0)).cuda()
+    fused = fr.fuse(model, backend="triton", dtype=dtype)
+    program = export_program(fused, _images(2, device="cuda", dtype=dtype), lower_to="triton")
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    inputs = {batch: _images(batch, seed=batch, device="cuda", dtype=dtype) for batch in (1, 8, 13)}
+    torch.save(inputs, tmp_path / "x.pt")
+    script = f"""
+        import sys, torch
+        runner = torch._inductor.aoti_load_package({package!r})
+        inputs = torch.load({str(tmp_path / "x.pt")!r})
+        torch.save({{b: runner(x) for b, x in inputs.items()}}, {str(tmp_path / "y.pt")!r})
+        assert "fused_resnet" not in sys.modules
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for batch, out in torch.load(tmp_path / "y.pt").items():
+        assert_matches(out, fused, model, inputs[batch])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_aoti_keeps_our_kernels(backend, tmp_path):
     """Exported with our ops kept, the package calls them back through the dispatcher, so it runs in
     a Python process that imported fused_resnet. (For the Triton kernels to be compiled into the
-    package itself, the Triton backend has to register them with torch.library.triton_op: README.)"""
+    package itself, export with lower_to="triton": test_aoti_package_holds_the_triton_kernels.)"""
     if reason := backends.get(backend).unavailable_reason(torch.device("cuda")):
         pytest.skip(reason)
     model, fused, x = _cuda_model_and_input(backend)

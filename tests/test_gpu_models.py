@@ -33,6 +33,14 @@ def _eager(arch: str, batch: int):
         return model, x, reference, model(x)
 
 
+@pytest.fixture(autouse=True)
+def untuned(monkeypatch):
+    """Numerics, not speed: choose tiles and backends by rule instead of timing them (autotuning
+    every layer of every model would take most of the run). The autotuned launch and every tile
+    config are tested in test_triton_backend.py."""
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "0")
+
+
 def _backends():
     return backends.NAMES if not torch.cuda.is_available() else backends.available("cuda")
 

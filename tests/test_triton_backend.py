@@ -234,6 +234,56 @@ def test_conv_opcheck(shape, stride, padding):
     torch.library.opcheck(torch.ops.fused_resnet.conv2d_bias_act.default, args)
 
 
+LIBRARY_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[9]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+@pytest.mark.parametrize("conv_case", LIBRARY_CASES)
+def test_triton_library_op_parity(conv_case, dtype, monkeypatch):
+    """fused_resnet_triton::conv2d_bias_act, the op export lowers to (lower_to="triton")."""
+    from fused_resnet.backends.triton import library  # noqa: F401  (registers the op)
+
+    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
+    args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(9))
+    out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
+    assert out.shape == out_shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert not out.isnan().any(), "the kernel left elements of out unwritten"
+    check_parity(out, *args)
+
+
+def test_triton_library_op_computes_unsupported_cases_with_aten():
+    from fused_resnet.backends.triton import library  # noqa: F401
+
+    args, _ = make_conv(BASIC_3X3, torch.float64, torch.Generator().manual_seed(10))
+    out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, conv_bias_act(*args, dtype=torch.float64))
+
+
+def test_triton_library_ops_opcheck():
+    from fused_resnet.backends.triton import library  # noqa: F401
+
+    # The schema and the fake implementations; tracing through the kernel itself (wrap_triton)
+    # is not possible in Triton's interpreter, only on a GPU (tests/test_export.py, AOTInductor).
+    tests = ("test_schema", "test_faketensor")
+    args, _ = make_conv(BASIC_3X3, torch.float32, torch.Generator().manual_seed(11))
+    torch.library.opcheck(torch.ops.fused_resnet_triton.conv2d_bias_act.default, args, test_utils=tests)
+    x, y = torch.randn(2, 3, 4, 5, device=DEVICE), torch.randn(2, 3, 4, 5, device=DEVICE)
+    torch.library.opcheck(torch.ops.fused_resnet_triton.add_relu.default, (x, y), test_utils=tests)
+
+
+def test_fitting_configs_shrink_to_the_layer_but_never_depend_on_a_symbolic_batch():
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    small = conv._fitting_configs(49, 16, 64, 2)  # batch 1, 7x7 output, 16 channels per group
+    assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] == 16 for c in small)
+    # While AOTInductor traces a dynamic batch, N * OH * OW is a symbol: it must cap nothing.
+    symbolic = conv._fitting_configs("s0 * 49", 16, 64, 2)
+    assert max(c.kwargs["BLOCK_M"] for c in symbolic) == 256
+    for configs in (small, symbolic):
+        assert len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                    for c in configs}) == len(configs)  # no duplicates
+
+
 def test_gemm_weight_is_cached_and_follows_updates():
     conv = importlib.import_module("fused_resnet.backends.triton.conv")
     weight = torch.randn(8, 4, 3, 3, device=DEVICE)
@@ -341,3 +391,21 @@ def test_conv_parity_resnet50_layers_gpu(conv_case, dtype, allow_tf32, monkeypat
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
     args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(8))
     check_parity(run_backend(args, out_shape, dtype), *args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32_tf32"])
+@pytest.mark.parametrize("conv_case", [RESNET50_LAYERS[0], RESNET50_LAYERS[5], RESNET50_LAYERS[-3]])
+def test_every_tile_config_gpu(conv_case, dtype, monkeypatch):
+    """Each config the autotuner may pick, launched on its own (the model tests run untuned)."""
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(12))
+    cout, cin_g, r, s = args[1].shape
+    flat_k = r * s > 1 and cin_g % 16 != 0
+    m = out_shape[0] * out_shape[2] * out_shape[3]
+    configs = conv._fitting_configs(m, cout // args[7], conv._k_step(flat_k, r * s * cin_g, cin_g), args[0].element_size())
+    assert configs
+    for config in configs:
+        monkeypatch.setattr(conv, "_kernel_and_meta", lambda *a, config=config: (conv._conv_kernel, conv._meta(config)))
+        check_parity(run_backend(args, out_shape, dtype), *args)

@@ -41,10 +41,12 @@ def unsupported_reason(x, y) -> str | None:
     return None
 
 
-def add_relu(out, x, y) -> None:
+def add_relu(out, x, y, *, traceable=False) -> None:
+    """traceable: launch through torch.library.wrap_triton (see library.py)."""
     if _shared_memory_format(out, x, y) is None:
         raise ValueError("add_relu: out must be dense in the memory format of x and y")
     numel = out.numel()
     # The interpreter runs each program in Python: few large blocks are much faster there.
     block = min(triton.next_power_of_2(numel), 1 << 16) if _interpreting() else 1024
-    _add_relu_kernel[(triton.cdiv(numel, block),)](x, y, out, numel, BLOCK=block, num_warps=4)
+    kernel = torch.library.wrap_triton(_add_relu_kernel) if traceable else _add_relu_kernel
+    kernel[(triton.cdiv(numel, block),)](x, y, out, numel, BLOCK=block, num_warps=4)

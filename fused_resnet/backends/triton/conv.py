@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import autotune
 from ...validation import conv_output_size
 from . import _interpreting
 
@@ -216,17 +217,19 @@ _TUNING_CONFIGS = [
 ]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Shrinks each tile to the problem (no 256-wide tile for 16 channels), then drops duplicates
-    and tiles whose pipeline would not fit in shared memory (the smallest tile always fits)."""
-    args = {**named_args, **kwargs}
-    m_cap = _pow2_at_least(args["M"])
-    n_cap = _pow2_at_least(args["COUT_G"])
-    k_cap = _pow2_at_least(_k_step(args["FLAT_K"], args["K_TOTAL"], args["CIN_G"]))
-    element_size = args["x_ptr"].element_size()
+def _fitting_configs(m, cout_g: int, k_step: int, element_size: int) -> list:
+    """The tuning configs shrunk to the problem (no 256-wide tile for 16 channels), without
+    duplicates and without tiles whose pipeline would not fit in shared memory (the smallest always fits).
+
+    `m` (N * OH * OW) may be symbolic while torch.export or AOTInductor trace a dynamic batch: it
+    then caps nothing, so that choosing the tiles never depends on (and never guards) the batch size.
+    """
+    m_cap = _pow2_at_least(m) if isinstance(m, int) else None
+    n_cap = _pow2_at_least(cout_g)
+    k_cap = _pow2_at_least(k_step)
     kept = {}
-    for config in configs:
-        bm = min(config.kwargs["BLOCK_M"], m_cap)
+    for config in _TUNING_CONFIGS:
+        bm = config.kwargs["BLOCK_M"] if m_cap is None else min(config.kwargs["BLOCK_M"], m_cap)
         bn = min(config.kwargs["BLOCK_N"], n_cap)
         bk = min(config.kwargs["BLOCK_K"], k_cap)
         if config.num_stages * (bm + bn) * bk * element_size > _SHARED_MEMORY_BYTES:
@@ -240,6 +243,12 @@ def _prune_configs(configs, named_args, **kwargs):
     return list(kept.values())
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    k_step = _k_step(args["FLAT_K"], args["K_TOTAL"], args["CIN_G"])
+    return _fitting_configs(args["M"], args["COUT_G"], k_step, args["x_ptr"].element_size())
+
+
 _conv_kernel_tuned = triton.autotune(
     configs=_TUNING_CONFIGS,
     # Everything that shapes the layer; the autotuner adds the dtypes of the tensor arguments.
@@ -250,22 +259,43 @@ _conv_kernel_tuned = triton.autotune(
 )(_conv_kernel)
 
 
-def _kernel_and_meta(M: int, cout_g: int, k_step: int):
+def _meta(config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _untuned_config(configs: list, m, cout_g: int, groups: int, device: torch.device):
+    """Without measurement: the largest tile that still gives every SM a program (else the smallest)."""
+    if not isinstance(m, int):
+        return configs[0]
+    programs_wanted = torch.cuda.get_device_properties(device).multi_processor_count
+    for config in configs:
+        programs = triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(cout_g, config.kwargs["BLOCK_N"]) * groups
+        if programs >= programs_wanted:
+            return config
+    return configs[-1]
+
+
+def _kernel_and_meta(x: torch.Tensor, m, cout_g: int, k_step: int, groups: int):
     """The kernel to launch and the meta-parameters the call must pass.
 
+    On a GPU the autotuner times the configs that fit the layer, once per layer shape and dtype;
+    with FUSED_RESNET_AUTOTUNE=0 nothing is timed and a size rule picks the tile (_untuned_config).
     Under TRITON_INTERPRET=1 every program runs in Python, so benchmarking configs would take
     minutes and means nothing: use one config, with blocks as large as the problem allows
     (fewer programs and loop steps), capped so that the tests still cross tile boundaries.
     """
     if _interpreting():
         meta = {
-            "BLOCK_M": min(_pow2_at_least(M), 64),
+            "BLOCK_M": min(_pow2_at_least(m), 64),
             "BLOCK_N": min(_pow2_at_least(cout_g), 32),
             "BLOCK_K": min(_pow2_at_least(k_step), 32),
             "num_warps": 4,
             "num_stages": 1,
         }
         return _conv_kernel, meta
+    if not autotune.enabled():
+        configs = _fitting_configs(m, cout_g, k_step, x.element_size())
+        return _conv_kernel, _meta(_untuned_config(configs, m, cout_g, groups, x.device))
     return _conv_kernel_tuned, {}
 
 
@@ -330,9 +360,17 @@ def unsupported_reason(x, weight, stride, padding, dilation, groups) -> str | No
 def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> None:
     # A fused network passes channels_last already, so this is free there.
     x = x.contiguous(memory_format=torch.channels_last)
-    w = gemm_weight(weight)
+    launch(out, x, gemm_weight(weight), bias, residual, stride, padding, dilation, groups, relu)
+
+
+def launch(out, x, w, bias, residual, stride, padding, dilation, groups, relu, *, traceable=False) -> None:
+    """Runs the kernel: `x` channels_last, `w` the weight as gemm_weight arranges it, `out` channels_last.
+
+    traceable: launch through torch.library.wrap_triton, so that torch.compile, torch.export and
+    AOTInductor record the kernel itself in their graph (see library.py); a plain launch otherwise.
+    """
     n, c, h, wid = x.shape
-    cout, cin_g, r, s = weight.shape
+    cout, r, s, cin_g = w.shape
     oh, ow = out.shape[2], out.shape[3]
     m = n * oh * ow
     cout_g = cout // groups
@@ -341,7 +379,9 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     # per group than that, a flat walk over all of K wastes less of each tensor-core step.
     flat_k = r * s > 1 and cin_g % 16 != 0
     tf32 = use_tf32(x)
-    kernel, meta = _kernel_and_meta(m, cout_g, _k_step(flat_k, r * s * cin_g, cin_g))
+    kernel, meta = _kernel_and_meta(x, m, cout_g, _k_step(flat_k, r * s * cin_g, cin_g), groups)
+    if traceable:
+        kernel = torch.library.wrap_triton(kernel)
 
     def grid(config):
         return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cout_g, config["BLOCK_N"]), groups)

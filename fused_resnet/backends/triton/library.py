@@ -1,0 +1,83 @@
+"""The Triton kernels as torch.library ops that carry their kernels into compiled graphs.
+
+    fused_resnet_triton::conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    fused_resnet_triton::add_relu(x, y)
+
+The ops of fused_resnet.ops pick a backend in Python on every call, so a graph that holds them can
+only call back into Python. These ops are registered with torch.library.triton_op and launch through
+torch.library.wrap_triton: when AOTInductor (or torch.compile) lowers a graph that holds them, it
+sees the Triton kernels themselves and compiles them into its output. An AOTInductor package made
+from a program exported with `export_program(..., lower_to="triton")` thus runs our kernels without
+fused_resnet installed.
+
+They compute what the fused ops compute, with the Triton backend, and take already validated
+arguments: export_program routes the fused ops to them (fused_resnet.export). A case the kernel does
+not serve is computed with aten ops inside the op, so that it lowers too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import ops
+from ...validation import check_conv
+from .. import reference
+from . import add_relu_kernel, conv
+
+
+def _poisoned(out: Tensor) -> Tensor:
+    return out.fill_(float("nan")) if ops.POISON_OUTPUTS else out
+
+
+@torch.library.triton_op("fused_resnet_triton::conv2d_bias_act", mutates_args=())
+def conv2d_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+) -> Tensor:
+    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+    if conv.unsupported_reason(x, weight, stride, padding, dilation, groups) is not None:
+        y = reference.conv2d_bias_act(None, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        return y.contiguous(memory_format=torch.channels_last)
+    out = _poisoned(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last))
+    if out.numel():
+        # No cached weight copy here (gemm_weight keys on data pointers, which tracing has not):
+        # a fused model's weights are channels_last, for which this is a view.
+        w = weight.permute(0, 2, 3, 1).contiguous()
+        x = x.contiguous(memory_format=torch.channels_last)
+        conv.launch(out, x, w, bias, residual, stride, padding, dilation, groups, relu, traceable=True)
+    return out
+
+
+@torch.library.triton_op("fused_resnet_triton::add_relu", mutates_args=())
+def add_relu(x: Tensor, y: Tensor) -> Tensor:
+    out = _poisoned(torch.empty_like(x))
+    if add_relu_kernel.unsupported_reason(x, y) is not None:
+        return out.copy_(torch.relu(x + y))
+    if out.numel():
+        add_relu_kernel.add_relu(out, x, y, traceable=True)
+    return out
+
+
+# triton_op makes the op's own body its fake implementation, which launches the kernel. Under
+# TRITON_INTERPRET=1, wrap_triton cannot trace the interpreter's kernels, so torch.export (which runs
+# fake implementations) would launch them on fake tensors: give both ops shape-only fakes instead.
+@conv2d_bias_act.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@add_relu.register_fake
+def _(x, y):
+    return torch.empty_like(x)
