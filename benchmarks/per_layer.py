@@ -4,7 +4,9 @@
     python benchmarks/per_layer.py --batches 64 --dtype bfloat16
 
 For each layer: cuDNN's bare conv (no bias, no epilogue), eager conv + BN + ReLU (+ add) as
-torchvision runs it, and fused_resnet's conv2d_bias_act per backend. Achieved TFLOP/s and GB/s are
+torchvision runs it, and fused_resnet's conv2d_bias_act per backend. Times are GPU time per call,
+taken from CUDA graph replays, so that host overhead (which end_to_end.py measures, with and
+without a CUDA graph) does not hide the kernels at batch 1. Achieved TFLOP/s and GB/s are
 set against the device's own ceilings, measured in the same run (a large bf16 matmul, a large
 device-to-device copy). Writes benchmarks/results/per_layer-<time>.{json,md,png}.
 """
@@ -27,7 +29,7 @@ import fused_resnet as fr  # noqa: E402
 from fused_resnet import backends, ops  # noqa: E402
 from fused_resnet.architectures import build  # noqa: E402
 from fused_resnet.parity import relative_error  # noqa: E402
-from fused_resnet.timing import quantiles, time_ms  # noqa: E402
+from fused_resnet.timing import graph_time_ms, quantiles, time_ms  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 COLUMNS = ["batch", "layer", "count", "impl", "median_us", "tflops", "gbps", "pct_peak_flops", "pct_peak_bw", "vs_cudnn_conv", "error"]
@@ -110,7 +112,7 @@ def measure(args, device) -> tuple[list[dict], tuple[float, float]]:
             group = []
             for impl, run in impls.items():
                 error = relative_error(run(), expected) if impl.startswith("ours") else None
-                _, median, _ = quantiles(time_ms(run, device, iters=args.iters, warmup=3))
+                _, median, _ = quantiles(graph_time_ms(run, device, iters=args.iters, warmup=3))
                 tflops, gbps = flops / median / 1e9, nbytes / median / 1e6
                 group.append(dict(batch=batch, layer=name_of(layer), count=layer["count"], impl=impl, median_us=median * 1e3, tflops=tflops, gbps=gbps, pct_peak_flops=100 * tflops / peak_tflops, pct_peak_bw=100 * gbps / peak_gbps, error=error))
             cudnn_us = group[0]["median_us"]

@@ -10,6 +10,10 @@ pick a backend in Python on every call. export_program lowers them to one of thr
     "triton"  our Triton kernels as fused_resnet_triton ops (backends/triton/library.py): on CUDA,
               AOTInductor compiles the kernels themselves into its package, which then runs them
               without fused_resnet.
+    "cuda"    the CUDA C++ backend's ops, fused_resnet_C::conv2d_bias_act / add_relu, where its
+              kernels serve the layer (aten ops elsewhere): the program, and an AOTInductor package
+              made from it, runs wherever the compiled library fused_resnet/_C*.so is loaded, from
+              Python or C++, without fused_resnet's Python code.
 """
 
 from __future__ import annotations
@@ -57,7 +61,25 @@ TRITON_DECOMPOSITIONS = {
     torch.ops.fused_resnet.conv2d_bias_act.default: _conv2d_bias_act_triton,
     torch.ops.fused_resnet.add_relu.default: _add_relu_triton,
 }
-LOWERINGS = ("fused", "aten", "triton")
+def _conv2d_bias_act_cuda(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
+    from .backends import cuda
+
+    if cuda.kernel_unsupported_reason(x, weight, groups) is not None:
+        return _conv2d_bias_act_aten(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
+    # config -1: the extension's size heuristic picks the kernel each time the program runs.
+    return torch.ops.fused_resnet_C.conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, relu, -1)
+
+
+def _add_relu_cuda(x, y, backend):
+    return torch.ops.fused_resnet_C.add_relu(x, y)
+
+
+# Our ops as the CUDA C++ extension's ops, wherever its conv kernels serve the layer.
+CUDA_DECOMPOSITIONS = {
+    torch.ops.fused_resnet.conv2d_bias_act.default: _conv2d_bias_act_cuda,
+    torch.ops.fused_resnet.add_relu.default: _add_relu_cuda,
+}
+LOWERINGS = ("fused", "aten", "triton", "cuda")
 
 
 def _lowering_table(lower_to: str, args: tuple) -> dict | None:
@@ -70,9 +92,11 @@ def _lowering_table(lower_to: str, args: tuple) -> dict | None:
     from . import backends
 
     for device in {a.device for a in args if isinstance(a, Tensor)}:
-        reason = backends.get("triton").unavailable_reason(device)
+        reason = backends.get(lower_to).unavailable_reason(device)
         if reason is not None:
-            raise ValueError(f"lower_to='triton' needs inputs Triton runs on, got {device.type} tensors: {reason}")
+            raise ValueError(f"lower_to={lower_to!r} cannot serve the {device.type} inputs: {reason}")
+    if lower_to == "cuda":
+        return CUDA_DECOMPOSITIONS
     from .backends.triton import library  # noqa: F401  (registers the fused_resnet_triton ops)
 
     return TRITON_DECOMPOSITIONS
@@ -91,9 +115,9 @@ def export_program(
         takes any batch size. The example batch must then be at least 2: torch.export turns a size
         of 0 or 1 seen while tracing into a constant.
     lower_to: what our ops become in the program: "fused" (kept), "aten" (DECOMPOSITIONS: the
-        program loads and runs without fused_resnet) or "triton" (TRITON_DECOMPOSITIONS: loading the
-        program needs fused_resnet, but an AOTInductor package compiled from it does not). See the
-        module docstring.
+        program loads and runs without fused_resnet), "triton" (TRITON_DECOMPOSITIONS: loading the
+        program needs fused_resnet, but an AOTInductor package compiled from it does not) or "cuda"
+        (CUDA_DECOMPOSITIONS: runs where fused_resnet/_C*.so is loaded). See the module docstring.
     """
     args = _as_tuple(args)
     table = _lowering_table(lower_to, args)

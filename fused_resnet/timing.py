@@ -32,6 +32,34 @@ def time_ms(fn: Callable[[], object], device: torch.device, iters: int = 20, war
     return times
 
 
+@torch.no_grad()
+def graph_time_ms(fn: Callable[[], object], device: torch.device, iters: int = 20, warmup: int = 3, calls: int = 10) -> list[float]:
+    """GPU milliseconds per call of `fn`, without the host's share (Python, dispatch, launches).
+
+    After `warmup` untimed calls (which compile and tune), `calls` back-to-back calls are captured
+    into one CUDA graph; each of `iters` timed replays gives one sample, divided by `calls`. For
+    comparing kernels: at small sizes a call's host overhead can exceed its kernels' time, and
+    would otherwise be measured instead of them.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()  # the first replay may upload the graph
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return times
+
+
 def quantiles(times: list[float]) -> tuple[float, float, float]:
     """(p20, median, p80) of a list of times."""
     if len(times) == 1:

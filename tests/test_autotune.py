@@ -86,3 +86,41 @@ def test_auto_uses_the_tuned_backend_on_cuda(monkeypatch):
     monkeypatch.setattr(backends.get("cudnn"), "unavailable_reason", lambda device: None)
     chosen = backends._select("auto", torch.device("cpu"), "convolution", lambda b: None, tune)
     assert seen == ["cudnn", "torch"] and chosen.NAME == "torch"
+
+
+def test_cuda_backend_measures_its_kernels_once_per_layer(tuner, monkeypatch):
+    """The CUDA C++ backend times each compiled conv kernel that serves a layer (kernel launches and
+    timings stubbed: this runs without a GPU) and launches the fastest from then on."""
+    cuda = backends.get("cuda")
+    monkeypatch.setattr(cuda, "CONV_CONFIGS", ("optimized_big", "optimized_small", "few_channels_stem"))
+    monkeypatch.setattr(cuda, "_config_choice", {})
+    launched = []
+    monkeypatch.setattr(cuda, "_launch", lambda out, *args: launched.append(args[-1]))
+    times = {-1: 3.0, 0: 2.0, 1: 1.0, 2: 0.5}  # by config index; -1 is the C++ heuristic
+
+    def median_ms(run):
+        run()
+        return times[launched[-1]]
+
+    monkeypatch.setattr(autotune, "_median_ms", median_ms)
+
+    def conv(channels):
+        x, weight = torch.randn(2, channels, 5, 5), torch.randn(8, channels, 3, 3)
+        out = torch.empty(2, 8, 3, 3)
+        cuda.conv2d_bias_act(out, x, weight, None, None, [1, 1], [0, 0], [1, 1], 1, True)
+
+    conv(64)  # the few-channels kernel does not serve 64 channels
+    assert launched == [-1, 0, 1, 1]
+    launched.clear()
+    conv(64)
+    assert launched == [1]  # remembered: no measurement
+    launched.clear()
+    conv(3)  # the stem: every kernel serves it
+    assert launched == [-1, 0, 1, 2, 2]
+    choices = json.loads(autotune.cache_file().read_text())["test GPU | versions"]
+    assert sorted(choices.values()) == ["few_channels_stem", "optimized_small"]  # stored by name
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "0")
+    monkeypatch.setattr(cuda, "_config_choice", {})
+    launched.clear()
+    conv(64)
+    assert launched == [-1]  # not measuring: the heuristic

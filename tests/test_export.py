@@ -51,6 +51,24 @@ def _targets(program):
     return {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
 
 
+def run_package_without_fused_resnet(package, inputs: dict, tmp_path, libraries=()) -> dict:
+    """Runs an AOTInductor package on each input in a fresh Python that never imports fused_resnet
+    (it may load compiled `libraries`, as a C++ program would); returns the outputs by the same keys."""
+    torch.save(inputs, tmp_path / "x.pt")
+    script = f"""
+        import sys, torch
+        for library in {list(map(str, libraries))!r}:
+            torch.ops.load_library(library)
+        runner = torch._inductor.aoti_load_package({str(package)!r})
+        inputs = torch.load({str(tmp_path / "x.pt")!r})
+        torch.save({{key: runner(x) for key, x in inputs.items()}}, {str(tmp_path / "y.pt")!r})
+        assert "fused_resnet" not in sys.modules
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return torch.load(tmp_path / "y.pt")
+
+
 def test_compile_fullgraph_matches_eager_fused(model, fused):
     compiled = torch.compile(fused, fullgraph=True)  # fullgraph: a graph break is an error
     x = _images(2)
@@ -87,14 +105,19 @@ def test_add_relu_decomposes_and_every_tensor_input_gets_the_batch_dimension():
 
 
 def test_unknown_lowering_is_refused(fused):
-    with pytest.raises(ValueError, match="lower_to must be one of 'fused', 'aten', 'triton', got 'onnx'"):
+    with pytest.raises(ValueError, match="lower_to must be one of 'fused', 'aten', 'triton', 'cuda', got 'onnx'"):
         export_program(fused, _images(2), lower_to="onnx")
 
 
 def test_lowering_to_triton_needs_a_device_triton_runs_on(fused, monkeypatch):
     monkeypatch.setattr(backends.get("triton"), "unavailable_reason", lambda device: "Triton runs on CUDA tensors")
-    with pytest.raises(ValueError, match="lower_to='triton' needs inputs Triton runs on, got cpu tensors"):
+    with pytest.raises(ValueError, match="lower_to='triton' cannot serve the cpu inputs: Triton runs on CUDA"):
         export_program(fused, _images(2), lower_to="triton")
+
+
+def test_lowering_to_cuda_needs_cuda_inputs(fused):
+    with pytest.raises(ValueError, match="lower_to='cuda' cannot serve the cpu inputs: "):
+        export_program(fused, _images(2), lower_to="cuda")
 
 
 def _skip_without_triton(device):
@@ -168,16 +191,7 @@ def test_aoti_package_runs_without_fused_resnet(model, fused, tmp_path):
         export_program(fused, _images(2), lower_to="aten"), package_path=str(tmp_path / "model.pt2")
     )
     x = _images(3)
-    torch.save(x, tmp_path / "x.pt")
-    script = f"""
-        import sys, torch
-        runner = torch._inductor.aoti_load_package({package!r})
-        torch.save(runner(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
-        assert "fused_resnet" not in sys.modules
-    """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert_matches(torch.load(tmp_path / "y.pt"), fused, model, x)
+    assert_matches(run_package_without_fused_resnet(package, {3: x}, tmp_path)[3], fused, model, x)
 
 
 def test_whole_module_pickle_round_trips(fused, tmp_path):
@@ -353,17 +367,25 @@ def test_aoti_package_holds_the_triton_kernels(dtype, tmp_path):
     program = export_program(fused, _images(2, device="cuda", dtype=dtype), lower_to="triton")
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
     inputs = {batch: _images(batch, seed=batch, device="cuda", dtype=dtype) for batch in (1, 8, 13)}
-    torch.save(inputs, tmp_path / "x.pt")
-    script = f"""
-        import sys, torch
-        runner = torch._inductor.aoti_load_package({package!r})
-        inputs = torch.load({str(tmp_path / "x.pt")!r})
-        torch.save({{b: runner(x) for b, x in inputs.items()}}, {str(tmp_path / "y.pt")!r})
-        assert "fused_resnet" not in sys.modules
-    """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    for batch, out in torch.load(tmp_path / "y.pt").items():
+    for batch, out in run_package_without_fused_resnet(package, inputs, tmp_path).items():
+        assert_matches(out, fused, model, inputs[batch])
+
+
+@pytest.mark.gpu
+def test_aoti_package_calls_the_cuda_extension_without_python_package(tmp_path):
+    """Lowered to the CUDA C++ ops, the package runs in a Python that loads only the compiled library
+    fused_resnet/_C*.so (as a C++ program would), never fused_resnet's Python code."""
+    if reason := backends.get("cuda").unavailable_reason(torch.device("cuda")):
+        pytest.skip(reason)
+    from fused_resnet import _C
+
+    model = build("resnet18", torch.Generator().manual_seed(0)).cuda()
+    fused = fr.fuse(model, backend="cuda", dtype=torch.float16)
+    program = export_program(fused, _images(2, device="cuda", dtype=torch.float16), lower_to="cuda")
+    assert "fused_resnet_C.conv2d_bias_act.default" in _targets(program)
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    inputs = {batch: _images(batch, seed=batch, device="cuda", dtype=torch.float16) for batch in (1, 8, 13)}
+    for batch, out in run_package_without_fused_resnet(package, inputs, tmp_path, libraries=[_C.__file__]).items():
         assert_matches(out, fused, model, inputs[batch])
 
 

@@ -17,6 +17,7 @@
 #include <limits>
 #include <optional>
 #include <sstream>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -178,6 +179,16 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
     TORCH_CHECK(c <= kFewChannelsMaxC, op, "config ", kernel.name, " serves inputs with at most ", kFewChannelsMaxC,
                 " channels, x has ", c);
     channels = round_up(c, kFewChannelsAlignment);
+  }
+
+  // CUTLASS computes element offsets in 32 bits: an operand of 2 GiB or more would be misaddressed.
+  // (Python callers are routed elsewhere before this; a graph exported with a dynamic batch is not.)
+  const int64_t element_size = x.element_size();
+  for (const auto& [what, elements] : {std::pair<const char*, int64_t>{"x", n * h * w * channels},
+                                       {"weight", k * r * s * channels},
+                                       {"out", n * k * p * q}}) {
+    TORCH_CHECK(elements * element_size < (int64_t(1) << 31), op, what, " would take ", elements * element_size,
+                " bytes; the kernels index operands below 2 GiB with 32-bit offsets (split the batch)");
   }
 
   const at::Tensor x_nhwc = dense_nhwc(x, channels);

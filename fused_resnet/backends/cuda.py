@@ -7,9 +7,11 @@ The extension registers the operators torch.ops.fused_resnet_C.* (schemas in csr
     conv2d_bias_act_out(..., relu, config, out)                 CUTLASS implicit-GEMM conv, CUDA only
     conv2d_configs()                                            names of the conv kernels
 
-`config` picks a conv kernel by its index in conv2d_configs() (-1: a heuristic picks per layer),
-so that an autotuner can time each one. This module adds the fake (meta) implementations of those
-operators, so that torch.compile and torch.export can trace code that calls them.
+`config` picks a conv kernel by its index in conv2d_configs() (-1: a heuristic picks per layer).
+This backend times the kernels that serve a layer the first time it meets it and keeps the fastest
+(fused_resnet.autotune: remembered on disk; FUSED_RESNET_AUTOTUNE=0 leaves the choice to the
+heuristic). This module also adds the fake (meta) implementations of those operators, so that
+torch.compile and torch.export can trace code that calls them.
 
 The extension is optional: without it (no CUDA toolkit at install time) the package still imports
 and this backend reports why it cannot run.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fused_resnet import autotune
 from fused_resnet.validation import check_add_relu, check_conv, conv_output_size
 
 NAME = "cuda"
@@ -41,6 +44,12 @@ _OUT_CHANNEL_MULTIPLE = 8
 _MAX_KERNEL_SIZE = 32
 # CUTLASS indexes each tensor with 32-bit offsets: every operand must stay below 2 GiB.
 _MAX_TENSOR_BYTES = 2**31
+# The "few channels" kernels serve inputs with at most this many channels (kFewChannelsMaxC in
+# csrc/cuda/conv2d_cutlass.h); the "optimized" ones serve any number (the launcher pads to 8).
+_FEW_CHANNELS_PREFIX = "few_channels"
+_FEW_CHANNELS_MAX = 8
+# The name under which autotune stores "let the C++ heuristic pick" (config -1).
+_HEURISTIC = "heuristic"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -54,7 +63,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+def kernel_unsupported_reason(x, weight, groups) -> str | None:
+    """Why the conv kernels cannot serve this layer, judged from what does not depend on the batch
+    size: what export (lower_to="cuda") can decide for a program with a dynamic batch."""
     if not CONV_CONFIGS:
         return "this build of fused_resnet._C has no conv kernels (the CUTLASS headers were missing at build time)"
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -71,6 +82,14 @@ def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation
     major, minor = torch.cuda.get_device_capability(x.device)
     if major < 8:
         return f"its tensor-core kernels need compute capability 8.0 or newer, {x.device} has {major}.{minor}"
+    return None
+
+
+def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+    reason = kernel_unsupported_reason(x, weight, groups)
+    if reason is not None:
+        return reason
+    cout, cin, r, s = weight.shape
     n, _, h, w = x.shape
     channels = -(-cin // 8) * 8  # the extension zero-pads input channels to a multiple of 4 or 8
     oh = conv_output_size(h, r, stride[0], padding[0], dilation[0])
@@ -99,11 +118,54 @@ def _krsc(weight: torch.Tensor) -> torch.Tensor:
     return converted
 
 
-def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu, config: int = -1) -> None:
-    """See fused_resnet.backends; `config` picks the kernel (an index into CONV_CONFIGS, -1: heuristic)."""
-    torch.ops.fused_resnet_C.conv2d_bias_act_out(
-        x, _krsc(weight), bias, residual, stride, padding, dilation, relu, config, out
-    )
+def _launch(out, x, weight, bias, residual, stride, padding, dilation, relu, config: int) -> None:
+    torch.ops.fused_resnet_C.conv2d_bias_act_out(x, weight, bias, residual, stride, padding, dilation, relu, config, out)
+
+
+def _serving_configs(channels: int) -> list[int]:
+    return [
+        i for i, name in enumerate(CONV_CONFIGS)
+        if not name.startswith(_FEW_CHANNELS_PREFIX) or channels <= _FEW_CHANNELS_MAX
+    ]  # fmt: skip
+
+
+# The kernel measured fastest for each layer, by a cheap hashable key (one dict lookup per call).
+_config_choice: dict[tuple, int] = {}
+
+
+def _measured_config(out, x, weight, bias, residual, stride, padding, dilation, relu) -> int:
+    """The index of the fastest kernel for this layer (-1, the heuristic, when not measuring)."""
+    if not autotune.enabled():
+        return -1
+    key = (
+        x.device, x.dtype, x.shape, x.stride(), weight.shape, bias is not None,
+        None if residual is None else residual.stride(), tuple(stride), tuple(padding), tuple(dilation), relu,
+    )  # fmt: skip
+    config = _config_choice.get(key)
+    if config is not None:
+        return config
+
+    def run(config):
+        return lambda: _launch(torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, relu, config)
+
+    # The heuristic comes first: it is what a CUDA graph capture gets for a layer never measured.
+    candidates = {_HEURISTIC: run(-1)}
+    candidates.update((CONV_CONFIGS[i], run(i)) for i in _serving_configs(x.shape[1]))
+    layer = autotune.layer_key("fused_resnet_C::conv2d_bias_act", (x, weight, bias, residual), stride, padding, dilation, relu)
+    name = autotune.choose(x.device, layer, candidates)
+    config = -1 if name == _HEURISTIC else CONV_CONFIGS.index(name)
+    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):  # a capture measures nothing
+        _config_choice[key] = config
+    return config
+
+
+def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu, config: int | None = None) -> None:
+    """See fused_resnet.backends; `config` picks the kernel (an index into CONV_CONFIGS, -1: the
+    heuristic, None: the one measured fastest for this layer)."""
+    weight = _krsc(weight)
+    if config is None:
+        config = _measured_config(out, x, weight, bias, residual, stride, padding, dilation, relu)
+    _launch(out, x, weight, bias, residual, stride, padding, dilation, relu, config)
 
 
 def add_relu_unsupported_reason(x, y) -> str | None:
