@@ -2,8 +2,11 @@
 
     pip install --no-build-isolation -e .
 
-TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0"). Without nvcc the pure-Python
-package is installed, and backend="cuda" explains that the extension was not built.
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0a"). Hopper's tensor-core
+instructions (wgmma) and TMA need arch-specific sm_90a machine code: a "9.0" in the list is built as
+"9.0a" (a cubin for the same devices), and the Hopper conv kernels are built whenever 9.0a is in it.
+Without nvcc the pure-Python package is installed, and backend="cuda" explains that the extension
+was not built.
 """
 
 import glob
@@ -16,14 +19,24 @@ ext_modules = []
 cmdclass = {}
 
 
-def _cutlass_include_dir():
-    """The CUTLASS headers shipped in the nvidia-cutlass package (cutlass_library/source/include), or None."""
+def _cutlass_include_dirs():
+    """The CUTLASS headers shipped in the nvidia-cutlass package (cutlass_library/source/include and
+    its tools/util/include, which CUTLASS 3.x conv kernels include), or None."""
     try:
         import cutlass_library
     except ImportError:
         return None
-    include = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
-    return include if os.path.isfile(os.path.join(include, "cutlass", "cutlass.h")) else None
+    source = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
+    include, util = os.path.join(source, "include"), os.path.join(source, "tools", "util", "include")
+    if not os.path.isfile(os.path.join(include, "cutlass", "cutlass.h")):
+        return None
+    return [include, util] if os.path.isdir(util) else [include]
+
+
+def _arch_list_with_sm90a(arch_list: str) -> str:
+    """The arch list with a plain "9.0" turned into "9.0a": the same devices run either cubin, and
+    only sm_90a code may use wgmma and TMA. ("9.0+PTX" stays: its PTX must run on later GPUs.)"""
+    return ";".join("9.0a" if arch == "9.0" else arch for arch in arch_list.replace(" ", ";").split(";") if arch)
 
 
 def _has_cuda_headers(home):
@@ -51,17 +64,20 @@ except ImportError:  # torch must be installed first; the build needs its header
     CUDA_HOME = None
 
 if torch is not None and CUDA_HOME is not None and os.environ.get("FUSED_RESNET_SKIP_CUDA_BUILD") != "1":
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    arch_list = _arch_list_with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a"))
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     include_dirs = []
     defines = ["-DNDEBUG"]
-    cutlass_include = _cutlass_include_dir()
-    if cutlass_include is None:
+    cutlass_includes = _cutlass_include_dirs()
+    if cutlass_includes is None:
         sources = [s for s in sources if not os.path.basename(s).startswith("conv2d_")]
         print("fused_resnet: CUTLASS headers not found (pip install nvidia-cutlass); building without the conv kernels")
     else:
-        include_dirs.append(cutlass_include)
+        include_dirs.extend(cutlass_includes)
         defines.append("-DFUSED_RESNET_WITH_CUTLASS")
+        if "9.0a" in arch_list.split(";") and len(cutlass_includes) == 2:
+            defines.append("-DFUSED_RESNET_WITH_SM90")
     ext_modules.append(
         CUDAExtension(
             name="fused_resnet._C",

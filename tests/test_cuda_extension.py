@@ -239,22 +239,29 @@ def test_sm90_machine_code_uses_tensor_cores():
     if tool is None:
         pytest.skip("cuobjdump not found (CUDA toolkit bin/ or the triton wheel)")
     listing = subprocess.run([tool, "-lelf", library], capture_output=True, text=True, check=True).stdout
-    if "sm_90" not in listing:
+    arch = "sm_90a" if "sm_90a" in listing else "sm_90"
+    if arch not in listing:
         pytest.skip(f"{os.path.basename(library)} has no sm_90 code (TORCH_CUDA_ARCH_LIST at build time)")
-    sass = subprocess.run(
-        [tool, "-sass", "-arch", "sm_90", library], capture_output=True, text=True, check=True
-    ).stdout
+    sass = subprocess.run([tool, "-sass", "-arch", arch, library], capture_output=True, text=True, check=True).stdout
     # Each kernel's disassembly starts with "Function : <mangled name>"; split the listing there.
     functions = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S))
+    hopper = [name for name in cuda_backend.CONV_CONFIGS if name.startswith("sm90")]
+    sm80_style = len(cuda_backend.CONV_CONFIGS) - len(hopper)
+    # One kernel per config and element type (fp16, bf16), all on tensor cores. CUTLASS 2.x kernels:
+    # sm_80-style mma.sync m16n8k16 with fp32 accumulation, HMMA.16816.F32 (.BF16 for bfloat16).
     convs = {name: body for name, body in functions.items() if "ImplicitGemmConvolution" in name}
-    # One kernel per config and element type (fp16, bf16), all on tensor cores: sm_80-style
-    # mma.sync m16n8k16 with fp32 accumulation is HMMA.16816.F32 (.BF16 for bfloat16).
-    assert len(convs) == 2 * len(cuda_backend.CONV_CONFIGS), sorted(convs)
+    assert len(convs) == 2 * sm80_style, sorted(convs)
     for name, body in convs.items():
         assert re.search(r"HMMA\.16816\.F32", body), f"no HMMA in {name[:120]}..."
-    assert sum(bool(re.search(r"HMMA\.16816\.F32\.BF16", body)) for body in convs.values()) == len(
-        cuda_backend.CONV_CONFIGS
-    )
+    assert sum(bool(re.search(r"HMMA\.16816\.F32\.BF16", body)) for body in convs.values()) == sm80_style
+    # Hopper kernels (built with 9.0a): wgmma (HGMMA) fed by TMA loads in im2col mode.
+    assert bool(hopper) == (arch == "sm_90a"), (arch, hopper)
+    universal = {name: body for name, body in functions.items() if "ConvUniversal" in name}
+    assert len(universal) == 2 * len(hopper), sorted(universal)
+    for name, body in universal.items():
+        assert re.search(r"HGMMA\.\d+x\d+x16\.F32", body), f"no HGMMA in {name[:120]}..."
+        assert re.search(r"UTMALDG\.4D\.IM2COL", body), f"no im2col TMA load in {name[:120]}..."
+    assert sum(bool(re.search(r"HGMMA\.\S*\.BF16", body)) for body in universal.values()) == len(hopper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +335,10 @@ def test_conv2d_bias_act_cuda(layer, epilogue, batch, dtype, monkeypatch):
 
 @pytest.mark.gpu
 @NEEDS_CONV
-@pytest.mark.parametrize("layer", ["stem_7x7_s2_c3", "3x3_s2_c128", "1x1_c256_k64", "3x3_c12_k16", "3x3_c5_k8"])
+@pytest.mark.parametrize(
+    "layer",
+    ["stem_7x7_s2_c3", "3x3_s2_c128", "1x1_c256_k64", "downsample_1x1_s2", "3x3_dilated_2", "3x3_c12_k16", "3x3_c5_k8"],
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_every_config_gives_the_same_answer(layer, dtype):
     x, weight, bias, residual, conv = _conv_inputs(layer, 2, dtype)
@@ -340,6 +350,14 @@ def test_every_config_gives_the_same_answer(layer, dtype):
     for config, name in enumerate(cuda_backend.CONV_CONFIGS):
         if name.startswith("few_channels_") and x.shape[1] > 8:
             with pytest.raises(RuntimeError, match="serves inputs with at most 8 channels"):
+                C_OPS.conv2d_bias_act(*args, config)
+            continue
+        if name.startswith("sm90") and torch.cuda.get_device_capability() != (9, 0):
+            with pytest.raises(RuntimeError, match="runs on compute capability 9.0 only"):
+                C_OPS.conv2d_bias_act(*args, config)
+            continue
+        if name.startswith("sm90") and x.shape[1] % 64:
+            with pytest.raises(RuntimeError, match="needs a multiple of 64 input channels"):
                 C_OPS.conv2d_bias_act(*args, config)
             continue
         out = torch.full_like(heuristic, float("nan"))

@@ -90,20 +90,21 @@ std::vector<int64_t> output_shape(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // The heuristic behind config = -1: the few-channels kernel for inputs with few channels (the
-// stem); otherwise the largest tile that still gives every SM a threadblock, since big tiles reuse
-// more data but small layers need many tiles to fill the GPU. An autotuner can do better by
-// measuring each config.
-int choose_config(int64_t channels, int64_t m, int64_t n, int64_t sm_count) {
+// stem); otherwise, among the Hopper kernels where they serve the layer, else the CUTLASS 2.x
+// "optimized" ones, the largest tile that still gives every SM a threadblock, since big tiles
+// reuse more data but small layers need many tiles to fill the GPU. The Python backend measures
+// every kernel instead (fused_resnet/backends/cuda.py), unless told not to.
+int choose_config(int64_t channels, int64_t m, int64_t n, int64_t sm_count, bool hopper) {
+  const Conv2dAlgorithm family = channels <= kFewChannelsMaxC ? Conv2dAlgorithm::kFewChannels
+                                 : hopper                     ? Conv2dAlgorithm::kHopperTma
+                                                              : Conv2dAlgorithm::kOptimized;
   int chosen = -1;
-  for (int i = 0; i < kNumConv2dConfigs; ++i) {
+  for (int i = 0; i < kNumConv2dConfigs; ++i) {  // each family is listed from its largest tile down
     const Conv2dConfig& config = kConv2dConfigs[i];
-    if (config.algorithm == Conv2dAlgorithm::kFewChannels) {
-      if (channels <= kFewChannelsMaxC) {
-        return i;
-      }
+    if (config.algorithm != family) {
       continue;
     }
-    chosen = i;  // the optimized configs are listed from the largest tile to the smallest
+    chosen = i;
     const int64_t tiles = ((m + config.tile_m - 1) / config.tile_m) * ((n + config.tile_n - 1) / config.tile_n);
     if (tiles >= sm_count) {
       break;
@@ -111,6 +112,14 @@ int choose_config(int64_t channels, int64_t m, int64_t n, int64_t sm_count) {
   }
   return chosen;
 }
+
+// Whether this build holds the Hopper kernels (TORCH_CUDA_ARCH_LIST with 9.0a).
+constexpr bool kHopperBuilt =
+#ifdef FUSED_RESNET_WITH_SM90
+    true;
+#else
+    false;
+#endif
 
 // An attribute of the current device (cheap: no cudaGetDeviceProperties).
 int device_attribute(cudaDeviceAttr attribute) {
@@ -166,11 +175,16 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
 
   c10::cuda::CUDAGuard guard(x.device());
   const int major = device_attribute(cudaDevAttrComputeCapabilityMajor);
-  TORCH_CHECK(major >= 8, op, "the tensor-core kernels need compute capability 8.0 or newer, ", x.device(),
-              " has ", major, ".", device_attribute(cudaDevAttrComputeCapabilityMinor));
+  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor);
+  TORCH_CHECK(major >= 8, op, "the tensor-core kernels need compute capability 8.0 or newer, ", x.device(), " has ",
+              major, ".", minor);
+  // sm_90a machine code runs on compute capability 9.0 only.
+  const bool hopper_device = kHopperBuilt && major == 9 && minor == 0;
+  const int64_t sm_count = device_attribute(cudaDevAttrMultiProcessorCount);
 
-  if (config < 0) {
-    config = choose_config(c, n * p * q, k, device_attribute(cudaDevAttrMultiProcessorCount));
+  const bool heuristic = config < 0;
+  if (heuristic) {
+    config = choose_config(c, n * p * q, k, sm_count, hopper_device && c % kHopperChannelMultiple == 0);
   }
   TORCH_CHECK(config < kNumConv2dConfigs, op, "config ", config, " out of range [-1, ", kNumConv2dConfigs, ")");
   const Conv2dConfig& kernel = kConv2dConfigs[config];
@@ -179,6 +193,12 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
     TORCH_CHECK(c <= kFewChannelsMaxC, op, "config ", kernel.name, " serves inputs with at most ", kFewChannelsMaxC,
                 " channels, x has ", c);
     channels = round_up(c, kFewChannelsAlignment);
+  }
+  if (kernel.algorithm == Conv2dAlgorithm::kHopperTma) {
+    TORCH_CHECK(hopper_device, op, "config ", kernel.name, " runs on compute capability 9.0 only, ", x.device(),
+                " has ", major, ".", minor);
+    TORCH_CHECK(c % kHopperChannelMultiple == 0, op, "config ", kernel.name, " needs a multiple of ",
+                kHopperChannelMultiple, " input channels, x has ", c);
   }
 
   // CUTLASS computes element offsets in 32 bits: an operand of 2 GiB or more would be misaddressed.
@@ -229,10 +249,27 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
   problem.relu = relu;
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (x.scalar_type() == at::kHalf) {
-    conv2d_cutlass_fp16(problem, int(config), stream);
-  } else {
-    conv2d_cutlass_bf16(problem, int(config), stream);
+  const bool half = x.scalar_type() == at::kHalf;
+  bool done = false;
+#ifdef FUSED_RESNET_WITH_SM90
+  if (kernel.algorithm == Conv2dAlgorithm::kHopperTma) {
+    done = half ? conv2d_cutlass_sm90_fp16(problem, int(config), stream)
+                : conv2d_cutlass_sm90_bf16(problem, int(config), stream);
+    TORCH_CHECK(done || heuristic, op, "config ", kernel.name, " cannot serve the layer ", describe(problem),
+                " (TMA im2col limits on padding and filter size)");
+    if (!done) {
+      // Chosen by the heuristic but beyond TMA's limits: a CUTLASS 2.x kernel serves it (C is a
+      // multiple of 64, so the operands need no other padding).
+      config = choose_config(c, n * p * q, k, sm_count, false);
+    }
+  }
+#endif
+  if (!done) {
+    if (half) {
+      conv2d_cutlass_fp16(problem, int(config), stream);
+    } else {
+      conv2d_cutlass_bf16(problem, int(config), stream);
+    }
   }
   if (!out_in_place) {
     out_nhwc.copy_(target);

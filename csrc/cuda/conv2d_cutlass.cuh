@@ -137,7 +137,7 @@ struct ConfigShape<2> : ConvShape<Conv2dAlgorithm::kOptimized, 64, 64, 64, 32, 3
 template <>
 struct ConfigShape<3> : ConvShape<Conv2dAlgorithm::kFewChannels, 128, 64, 32, 64, 32, 4> {};
 
-static_assert(kNumConv2dConfigs == 4, "kConv2dConfigs and ConfigShape<> must list the same kernels");
+static_assert(kNumSm80Conv2dConfigs == 4, "the first kConv2dConfigs and ConfigShape<> must list the same kernels");
 
 template <int Config>
 constexpr bool shape_matches_table() {
@@ -245,7 +245,7 @@ void run_conv2d_config(const Conv2dProblem& problem, int config, cudaStream_t st
     case 3:
       return run_conv2d<Element, 3>(problem, stream);
   }
-  TORCH_CHECK(false, "fused_resnet: conv config ", config, " out of range [0, ", kNumConv2dConfigs, ")");
+  TORCH_CHECK(false, "fused_resnet: conv config ", config, " is not a CUTLASS 2.x kernel [0, ", kNumSm80Conv2dConfigs, ")");
 }
 
 }  // namespace fused_resnet

@@ -7,7 +7,8 @@
 //
 // with fp32 accumulation (act = ReLU or identity, bias and residual optional). The launcher
 // (conv2d_bias_act.cu) turns torch tensors into a Conv2dProblem; the instantiations live in
-// conv2d_cutlass_fp16.cu and conv2d_cutlass_bf16.cu so that they compile in parallel.
+// conv2d_cutlass_{fp16,bf16}.cu (CUTLASS 2.x, sm_80 and newer) and conv2d_cutlass_sm90_{fp16,bf16}.cu
+// (CUTLASS 3.x, Hopper only) so that they compile in parallel.
 
 #pragma once
 
@@ -24,6 +25,12 @@ enum class Conv2dAlgorithm {
   // CUTLASS's "few channels" iterators: the GEMM-K dimension R*S*C is walked as one flat range,
   // 4 channels at a time, so a 3-channel stem padded to 4 does not waste most of each K tile.
   kFewChannels,
+  // Hopper only (compute capability 9.0; built when TORCH_CUDA_ARCH_LIST holds 9.0a, which defines
+  // FUSED_RESNET_WITH_SM90): CUTLASS 3.x kernels that load activation tiles by TMA in im2col mode,
+  // multiply them with wgmma in a warp-specialized pipeline, and run the epilogue as a CUTLASS
+  // epilogue-visitor tree (bias, residual, optional ReLU) stored by TMA. Every K tile is 64 channels
+  // of one filter tap, so C must be a multiple of kHopperChannelMultiple.
+  kHopperTma,
 };
 
 struct Conv2dConfig {
@@ -40,6 +47,11 @@ inline constexpr Conv2dConfig kConv2dConfigs[] = {
     {"optimized_128x64x64_4stage", Conv2dAlgorithm::kOptimized, 128, 64},
     {"optimized_64x64x64_4stage", Conv2dAlgorithm::kOptimized, 64, 64},
     {"few_channels_128x64x32_4stage", Conv2dAlgorithm::kFewChannels, 128, 64},
+#ifdef FUSED_RESNET_WITH_SM90
+    {"sm90_tma_wgmma_128x128x64", Conv2dAlgorithm::kHopperTma, 128, 128},
+    {"sm90_tma_wgmma_128x64x64", Conv2dAlgorithm::kHopperTma, 128, 64},
+    {"sm90_tma_wgmma_64x128x64", Conv2dAlgorithm::kHopperTma, 64, 128},
+#endif
 };
 inline constexpr int kNumConv2dConfigs = sizeof(kConv2dConfigs) / sizeof(kConv2dConfigs[0]);
 
@@ -48,6 +60,9 @@ inline constexpr int kNumConv2dConfigs = sizeof(kConv2dConfigs) / sizeof(kConv2d
 inline constexpr int kFewChannelsMaxC = 8;
 inline constexpr int kFewChannelsAlignment = 4;
 inline constexpr int kOptimizedAlignment = 8;
+// The CUTLASS 2.x kernels come first in kConv2dConfigs, the Hopper ones (if built) after them.
+inline constexpr int kNumSm80Conv2dConfigs = 4;
+inline constexpr int kHopperChannelMultiple = 64;
 
 // One convolution, every tensor dense, 16-byte aligned, of the kernel's element type.
 // c is the (possibly zero-padded) channel count of both x and the filter.
@@ -71,5 +86,12 @@ std::string describe(const Conv2dProblem& problem);
 // failed launch) are thrown as c10::Error naming the layer.
 void conv2d_cutlass_fp16(const Conv2dProblem& problem, int config, cudaStream_t stream);
 void conv2d_cutlass_bf16(const Conv2dProblem& problem, int config, cudaStream_t stream);
+
+#ifdef FUSED_RESNET_WITH_SM90
+// Run the Hopper kernel kConv2dConfigs[config]; returns false, launching nothing, when the kernel
+// cannot serve the problem (TMA im2col limits on padding, corners and filter offsets).
+bool conv2d_cutlass_sm90_fp16(const Conv2dProblem& problem, int config, cudaStream_t stream);
+bool conv2d_cutlass_sm90_bf16(const Conv2dProblem& problem, int config, cudaStream_t stream);
+#endif
 
 }  // namespace fused_resnet

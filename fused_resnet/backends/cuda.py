@@ -44,10 +44,15 @@ _OUT_CHANNEL_MULTIPLE = 8
 _MAX_KERNEL_SIZE = 32
 # CUTLASS indexes each tensor with 32-bit offsets: every operand must stay below 2 GiB.
 _MAX_TENSOR_BYTES = 2**31
-# The "few channels" kernels serve inputs with at most this many channels (kFewChannelsMaxC in
-# csrc/cuda/conv2d_cutlass.h); the "optimized" ones serve any number (the launcher pads to 8).
-_FEW_CHANNELS_PREFIX = "few_channels"
-_FEW_CHANNELS_MAX = 8
+# Which kernels serve a layer, by the family their name starts with (csrc/cuda/conv2d_cutlass.h):
+# "few_channels" ones inputs with at most 8 channels (kFewChannelsMaxC); "sm90" ones (TMA + wgmma,
+# built for sm_90a) compute capability 9.0 and a multiple of 64 input channels; "optimized" ones
+# any layer (the launcher pads channels to 8).
+_FEW_CHANNELS_PREFIX, _FEW_CHANNELS_MAX = "few_channels", 8
+_HOPPER_PREFIX, _HOPPER_CHANNEL_MULTIPLE = "sm90", 64
+# TMA's im2col mode encodes padding and filter offsets in narrow fields (under 128 for 2-D): a
+# conservative bound, so that a Hopper kernel is never measured on a layer it would refuse.
+_HOPPER_MAX_OFFSET = 127
 # The name under which autotune stores "let the C++ heuristic pick" (config -1).
 _HEURISTIC = "heuristic"
 
@@ -122,11 +127,23 @@ def _launch(out, x, weight, bias, residual, stride, padding, dilation, relu, con
     torch.ops.fused_resnet_C.conv2d_bias_act_out(x, weight, bias, residual, stride, padding, dilation, relu, config, out)
 
 
-def _serving_configs(channels: int) -> list[int]:
-    return [
-        i for i, name in enumerate(CONV_CONFIGS)
-        if not name.startswith(_FEW_CHANNELS_PREFIX) or channels <= _FEW_CHANNELS_MAX
-    ]  # fmt: skip
+def _serves(name: str, x, weight, padding, dilation) -> bool:
+    channels = x.shape[1]
+    if name.startswith(_FEW_CHANNELS_PREFIX):
+        return channels <= _FEW_CHANNELS_MAX
+    if name.startswith(_HOPPER_PREFIX):
+        capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+        spans = [(size - 1) * d for size, d in zip(weight.shape[2:], dilation)]
+        return (
+            capability == (9, 0)
+            and channels % _HOPPER_CHANNEL_MULTIPLE == 0
+            and max(*padding, *spans) <= _HOPPER_MAX_OFFSET
+        )
+    return True
+
+
+def _serving_configs(x, weight, padding, dilation) -> list[int]:
+    return [i for i, name in enumerate(CONV_CONFIGS) if _serves(name, x, weight, padding, dilation)]
 
 
 # The kernel measured fastest for each layer, by a cheap hashable key (one dict lookup per call).
@@ -150,7 +167,7 @@ def _measured_config(out, x, weight, bias, residual, stride, padding, dilation, 
 
     # The heuristic comes first: it is what a CUDA graph capture gets for a layer never measured.
     candidates = {_HEURISTIC: run(-1)}
-    candidates.update((CONV_CONFIGS[i], run(i)) for i in _serving_configs(x.shape[1]))
+    candidates.update((CONV_CONFIGS[i], run(i)) for i in _serving_configs(x, weight, padding, dilation))
     layer = autotune.layer_key("fused_resnet_C::conv2d_bias_act", (x, weight, bias, residual), stride, padding, dilation, relu)
     name = autotune.choose(x.device, layer, candidates)
     config = -1 if name == _HEURISTIC else CONV_CONFIGS.index(name)
