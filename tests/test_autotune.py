@@ -143,6 +143,9 @@ def test_cuda_backend_offers_each_kernel_family_only_where_it_serves(monkeypatch
     assert serving(96) == ["optimized_a"]  # Hopper kernels take whole 64-channel K tiles
     assert serving(64, padding=200) == ["optimized_a"]  # beyond TMA im2col's offsets
     assert serving(64, kernel=3, dilation=100) == ["optimized_a"]
+    monkeypatch.setenv("FUSED_RESNET_DISABLE_SM90", "1")
+    assert serving(64) == ["optimized_a"]  # switched off
+    monkeypatch.delenv("FUSED_RESNET_DISABLE_SM90")
     capability[0] = (8, 0)
     assert serving(64) == ["optimized_a"]  # sm_90a code runs on compute capability 9.0 only
     capability[0] = (10, 0)

@@ -254,14 +254,15 @@ def test_sm90_machine_code_uses_tensor_cores():
     for name, body in convs.items():
         assert re.search(r"HMMA\.16816\.F32", body), f"no HMMA in {name[:120]}..."
     assert sum(bool(re.search(r"HMMA\.16816\.F32\.BF16", body)) for body in convs.values()) == sm80_style
-    # Hopper kernels (built with 9.0a): wgmma (HGMMA) fed by TMA loads in im2col mode.
+    # Hopper kernels (built with 9.0a), per config, element type and with / without a residual:
+    # wgmma (HGMMA) fed by TMA loads in im2col mode.
     assert bool(hopper) == (arch == "sm_90a"), (arch, hopper)
     universal = {name: body for name, body in functions.items() if "ConvUniversal" in name}
-    assert len(universal) == 2 * len(hopper), sorted(universal)
+    assert len(universal) == 4 * len(hopper), sorted(universal)
     for name, body in universal.items():
         assert re.search(r"HGMMA\.\d+x\d+x16\.F32", body), f"no HGMMA in {name[:120]}..."
         assert re.search(r"UTMALDG\.4D\.IM2COL", body), f"no im2col TMA load in {name[:120]}..."
-    assert sum(bool(re.search(r"HGMMA\.\S*\.BF16", body)) for body in universal.values()) == len(hopper)
+    assert sum(bool(re.search(r"HGMMA\.\S*\.BF16", body)) for body in universal.values()) == 2 * len(hopper)
 
 
 # ---------------------------------------------------------------------------------------------

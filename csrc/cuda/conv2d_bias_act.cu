@@ -14,11 +14,12 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <sstream>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "conv2d_cutlass.h"
@@ -113,13 +114,19 @@ int choose_config(int64_t channels, int64_t m, int64_t n, int64_t sm_count, bool
   return chosen;
 }
 
-// Whether this build holds the Hopper kernels (TORCH_CUDA_ARCH_LIST with 9.0a).
-constexpr bool kHopperBuilt =
+// Whether this build holds the Hopper kernels (TORCH_CUDA_ARCH_LIST with 9.0a) and they are not
+// switched off with FUSED_RESNET_DISABLE_SM90=1 (read once; the Python backend reads it too).
+bool hopper_kernels_enabled() {
 #ifdef FUSED_RESNET_WITH_SM90
-    true;
+  static const bool enabled = [] {
+    const char* value = std::getenv("FUSED_RESNET_DISABLE_SM90");
+    return value == nullptr || std::string(value) != "1";
+  }();
+  return enabled;
 #else
-    false;
+  return false;
 #endif
+}
 
 // An attribute of the current device (cheap: no cudaGetDeviceProperties).
 int device_attribute(cudaDeviceAttr attribute) {
@@ -179,7 +186,7 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
   TORCH_CHECK(major >= 8, op, "the tensor-core kernels need compute capability 8.0 or newer, ", x.device(), " has ",
               major, ".", minor);
   // sm_90a machine code runs on compute capability 9.0 only.
-  const bool hopper_device = kHopperBuilt && major == 9 && minor == 0;
+  const bool hopper_device = hopper_kernels_enabled() && major == 9 && minor == 0;
   const int64_t sm_count = device_attribute(cudaDevAttrMultiProcessorCount);
 
   const bool heuristic = config < 0;
@@ -195,6 +202,7 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
     channels = round_up(c, kFewChannelsAlignment);
   }
   if (kernel.algorithm == Conv2dAlgorithm::kHopperTma) {
+    TORCH_CHECK(hopper_kernels_enabled(), op, "config ", kernel.name, " is switched off (FUSED_RESNET_DISABLE_SM90=1)");
     TORCH_CHECK(hopper_device, op, "config ", kernel.name, " runs on compute capability 9.0 only, ", x.device(),
                 " has ", major, ".", minor);
     TORCH_CHECK(c % kHopperChannelMultiple == 0, op, "config ", kernel.name, " needs a multiple of ",

@@ -7,16 +7,19 @@
 // consumer warpgroup multiplies them with wgmma while a producer warp keeps the pipeline full. The
 // epilogue is CUTLASS's LinCombPerColBiasEltAct visitor tree,
 //
-//     out = act(1 * accumulator + beta * residual + bias[k]),   beta = 1 with a residual, else 0,
+//     out = act(accumulator + residual + bias[k]),
 //
-// computed in fp32 and rounded once; act is our OptionalRelu, switched at run time, so that one
-// kernel per tile shape serves every epilogue variant, as in the CUTLASS 2.x kernels.
+// computed in fp32 and rounded once; act is our OptionalRelu, switched at run time. A layer without
+// a residual runs a kernel built without the source operand (ElementC = void) rather than one that
+// multiplies a source it never loaded by beta = 0 (0 * an unloaded register need not be 0).
 //
 // Included by conv2d_cutlass_sm90_fp16.cu and conv2d_cutlass_sm90_bf16.cu only: it is slow to compile.
 
 #pragma once
 
 #ifdef FUSED_RESNET_WITH_SM90
+
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -68,17 +71,18 @@ struct OptionalRelu<cutlass::Array<T, N>> {
   }
 };
 
-template <typename Element, int TileM, int TileN>
+template <typename Element, int TileM, int TileN, bool Residual>
 struct HopperConv {
   static constexpr int kAlignment = 8;  // 16 bytes: what TMA needs of every dense dimension
   using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::Shape<cute::Int<kHopperChannelMultiple>>>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using ElementResidual = std::conditional_t<Residual, Element, void>;
   using Fusion =
-      cutlass::epilogue::fusion::LinCombPerColBiasEltAct<OptionalRelu, Element, float, Element, Element, float>;
+      cutlass::epilogue::fusion::LinCombPerColBiasEltAct<OptionalRelu, Element, float, Element, ElementResidual, float>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,  //
-      Element, cutlass::layout::TensorNHWC, kAlignment,                // residual
+      ElementResidual, cutlass::layout::TensorNHWC, kAlignment,        // residual (the source C)
       Element, cutlass::layout::TensorNHWC, kAlignment,                // out
       cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
@@ -103,9 +107,9 @@ Stride output_stride(const Problem& problem) {
   return stride;
 }
 
-template <typename Element, int TileM, int TileN>
+template <typename Element, int TileM, int TileN, bool Residual>
 bool run(const Conv2dProblem& problem, int config, cudaStream_t stream) {
-  using K = HopperConv<Element, TileM, TileN>;
+  using K = HopperConv<Element, TileM, TileN, Residual>;
   using Kernel = typename K::Kernel;
   auto in = [](const void* p) { return static_cast<const Element*>(p); };
 
@@ -113,19 +117,17 @@ bool run(const Conv2dProblem& problem, int config, cudaStream_t stream) {
                             {problem.k, problem.r, problem.s, problem.c}, {problem.pad_h, problem.pad_w},
                             {problem.pad_h, problem.pad_w}, {problem.stride_h, problem.stride_w},
                             {problem.dilation_h, problem.dilation_w}, /*groups=*/1);
-  // Without a residual, beta = 0 and the epilogue never reads its source; it still gets a valid
-  // address to describe (the output's).
   typename K::Device::Arguments args{
       shape,
       {in(problem.x), in(problem.weight)},
       {{},
-       in(problem.residual ? problem.residual : problem.out),
+       static_cast<const typename K::ElementResidual*>(problem.residual),  // null without a residual
        output_stride<typename Kernel::StrideC>(shape),
        static_cast<Element*>(problem.out),
        output_stride<typename Kernel::StrideD>(shape)}};
   auto& epilogue = args.epilogue.thread;
   epilogue.alpha = 1.f;
-  epilogue.beta = problem.residual ? 1.f : 0.f;
+  epilogue.beta = Residual ? 1.f : 0.f;
   epilogue.bias_ptr = in(problem.bias);  // null: a bias of zeros
   epilogue.activation.enabled = problem.relu;
 
@@ -156,16 +158,16 @@ static_assert(kNumConv2dConfigs == kNumSm80Conv2dConfigs + 3 && hopper_entry_is(
                   hopper_entry_is(1, 128, 64) && hopper_entry_is(2, 64, 128),
               "run_config disagrees with the Hopper entries of kConv2dConfigs");
 
-template <typename Element>
+template <typename Element, bool Residual>
 bool run_config(const Conv2dProblem& problem, int config, cudaStream_t stream) {
   // The tile shapes of the Hopper entries of kConv2dConfigs, in table order (checked above).
   switch (config - kNumSm80Conv2dConfigs) {
     case 0:
-      return run<Element, 128, 128>(problem, config, stream);
+      return run<Element, 128, 128, Residual>(problem, config, stream);
     case 1:
-      return run<Element, 128, 64>(problem, config, stream);
+      return run<Element, 128, 64, Residual>(problem, config, stream);
     case 2:
-      return run<Element, 64, 128>(problem, config, stream);
+      return run<Element, 64, 128, Residual>(problem, config, stream);
   }
   TORCH_CHECK(false, "fused_resnet: conv config ", config, " is not a Hopper kernel");
 }
@@ -177,7 +179,8 @@ bool run_config(const Conv2dProblem& problem, int config, cudaStream_t stream) {
 #define FUSED_RESNET_DEFINE_SM90_CONV(suffix, Element)                                                    \
   namespace fused_resnet {                                                                                \
   bool conv2d_cutlass_sm90_##suffix(const Conv2dProblem& problem, int config, cudaStream_t stream) {    \
-    return sm90::run_config<Element>(problem, config, stream);                                          \
+    return problem.residual ? sm90::run_config<Element, true>(problem, config, stream)                  \
+                            : sm90::run_config<Element, false>(problem, config, stream);                \
   }                                                                                                       \
   }
 

@@ -19,6 +19,8 @@ and this backend reports why it cannot run.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -132,6 +134,8 @@ def _serves(name: str, x, weight, padding, dilation) -> bool:
     if name.startswith(_FEW_CHANNELS_PREFIX):
         return channels <= _FEW_CHANNELS_MAX
     if name.startswith(_HOPPER_PREFIX):
+        if os.environ.get("FUSED_RESNET_DISABLE_SM90") == "1":  # the extension reads it too
+            return False
         capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
         spans = [(size - 1) * d for size, d in zip(weight.shape[2:], dilation)]
         return (
