@@ -173,8 +173,18 @@ def load_torchvision_weights(arch: str, path: Path) -> nn.Module:
     return model
 
 
-def _artifact_runner(path: Path):
+# What each --lower-to makes of the fused ops, for the report.
+LOWERED = {
+    "aten": "aten ops (fused ops decomposed; runs without fused_resnet)",
+    "triton": "our Triton kernels (the program loads with fused_resnet; an AOTInductor package runs without it)",
+    "cuda": "the CUDA C++ extension's ops (runs where fused_resnet/_C*.so is loaded)",
+}
+
+
+def _artifact_runner(path: Path, aoti: bool):
     """A callable running the artifact written to `path`, and how it was loaded; None if it cannot be."""
+    if aoti:
+        return torch._inductor.aoti_load_package(str(path)), "torch._inductor.aoti_load_package"
     if path.suffix == ".pt2":
         return torch.export.load(path).module(), "torch.export.load"
     try:
@@ -203,6 +213,8 @@ def convert(args) -> int:
         missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
         if missing:
             raise UsageError(f"writing ONNX needs {' and '.join(missing)}: pip install onnx onnxscript")
+    if out.suffix == ".onnx" and (args.lower_to != "aten" or args.aoti):
+        raise UsageError("--lower-to and --aoti apply to .pt2 outputs; ONNX holds standard operators only")
     if args.batch < 2:
         raise UsageError(f"--batch must be at least 2 (got {args.batch}): torch.export would fix the batch size")
     generator = torch.Generator().manual_seed(args.seed)
@@ -222,15 +234,22 @@ def convert(args) -> int:
         fr.export_onnx(fused, (example,), out)
         what = "ONNX, standard operators only"
     else:
-        with warnings.catch_warnings():
-            # torch.export.save says so of every weight that is not contiguous (ours are channels_last), and
-            # then saves it correctly.
-            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            torch.export.save(export_program(fused, (example,), lower_to="aten"), out)
-        what = "torch.export program of aten ops (fused ops decomposed; loading it needs no fused_resnet)"
+        try:
+            program = export_program(fused, (example,), lower_to=args.lower_to)
+        except ValueError as error:  # a lowering the device cannot run
+            raise UsageError(f"--lower-to {args.lower_to}: {error}") from None
+        if args.aoti:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(out))
+        else:
+            with warnings.catch_warnings():
+                # torch.export.save says so of every weight that is not contiguous (ours are channels_last),
+                # and then saves it correctly.
+                warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+                torch.export.save(program, out)
+        what = ("AOTInductor package" if args.aoti else "torch.export program") + f" of {LOWERED[args.lower_to]}"
     print(f"wrote {out}: {what}; input (batch, 3, {size}, {size}) {args.dtype}, any batch size")
 
-    run_artifact, how = _artifact_runner(out)
+    run_artifact, how = _artifact_runner(out, args.aoti)
     if run_artifact is None:
         print(f"not re-loaded to check it: {how}")
         return 0
@@ -292,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     convert_parser.add_argument("--image-size", type=int, default=224)
     convert_parser.add_argument("--device", default="cpu", help="the device the exported program runs on")
+    convert_parser.add_argument(
+        "--lower-to",
+        choices=list(LOWERED),
+        default="aten",
+        help="what the fused ops become in a .pt2 (see fused_resnet.export); triton and cuda need --device cuda",
+    )
+    convert_parser.add_argument(
+        "--aoti", action="store_true", help="write an AOTInductor package (compiled for this machine) instead"
+    )
     convert_parser.add_argument("--seed", type=int, default=0)
 
     argv = sys.argv[1:] if argv is None else argv

@@ -255,6 +255,16 @@ def test_convert_writes_a_program_that_loads_without_fused_resnet(tmp_path):
     assert loaded.returncode == 0, loaded.stderr
 
 
+def test_convert_writes_an_aoti_package(tmp_path, capsys):
+    path = tmp_path / "model.pt2"
+    assert main(["convert", "--arch", "resnet18", "--image-size", str(SIZE), "--aoti", "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {path}: AOTInductor package of aten ops" in out
+    assert "(torch._inductor.aoti_load_package)" in out and "matches the fused model" in out
+    x = _images(3)
+    assert run_package_without_fused_resnet(path, {3: x}, tmp_path)[3].shape == (3, 1000)
+
+
 def test_convert_torchvision_weights_to_onnx(tmp_path, capsys):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
@@ -315,6 +325,10 @@ def test_convert_explains_weights_that_do_not_fit(case, weights_files, tmp_path,
         (["--out", "{tmp}/model.onnx", "--dtype", "bfloat16"], "--dtype bfloat16 cannot be written to ONNX"),
         (["--out", "{tmp}/model.pt2", "--batch", "1"], "--batch must be at least 2"),
         ([], "the following arguments are required: --out"),
+        (["--out", "{tmp}/model.onnx", "--lower-to", "triton"], "--lower-to and --aoti apply to .pt2 outputs"),
+        (["--out", "{tmp}/model.onnx", "--aoti"], "--lower-to and --aoti apply to .pt2 outputs"),
+        (["--out", "{tmp}/model.pt2", "--lower-to", "cuda"], "--lower-to cuda: lower_to='cuda' cannot serve the cpu"),
+        (["--out", "{tmp}/model.pt2", "--lower-to", "onnx"], "invalid choice: 'onnx'"),
     ],
 )
 def test_convert_explains_bad_arguments(args, message, tmp_path, capsys):
@@ -404,3 +418,16 @@ def test_aoti_keeps_our_kernels(backend, tmp_path):
     for batch in (2, 8):
         x = _images(batch, seed=batch, device="cuda")
         assert_matches(runner(x), fused, model, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lower_to", ["triton", "cuda"])
+def test_convert_lowered_aoti_package_on_cuda(lower_to, tmp_path, capsys):
+    if reason := backends.get(lower_to).unavailable_reason(torch.device("cuda")):
+        pytest.skip(reason)
+    path = tmp_path / "model.pt2"
+    args = ["convert", "--arch", "resnet18", "--image-size", str(SIZE), "--dtype", "float16", "--device", "cuda",
+            "--lower-to", lower_to, "--aoti", "--out", str(path)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "AOTInductor package of " in out and "matches the fused model" in out
