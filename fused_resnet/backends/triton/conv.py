@@ -9,7 +9,7 @@ The convolution is a GEMM that is never materialised:
 A[m, k] is gathered from the NHWC input on the fly (zero where the tap falls into the padding), B is
 the weight arranged as (Cout, R, S, Cin / groups), so that both operands are K-major: channels are
 the contiguous dimension of the input, and K-major operands are what the tensor cores read for every
-dtype (tf32 included). The fp32 accumulator gets the epilogue in registers (+ bias, + residual, ReLU)
+dtype (tf32 included; fp32 runs as three TF32 products, see launch). The fp32 accumulator gets the epilogue in registers (+ bias, + residual, ReLU)
 and is cast and stored once: no intermediate tensor between the convolution and the epilogue.
 
 Groups are the second grid axis; the tiles of a program lie inside one group, so a grouped conv
@@ -38,26 +38,12 @@ _MAX_GROUPS = 65535
 
 
 @triton.jit
-def _round_to_tf32(v):
-    # Tensor cores read only the top 10 mantissa bits of an fp32 operand, i.e. they truncate, while
-    # eager PyTorch's TF32 results match operands rounded to nearest (triton-lang/triton#4574).
-    # Truncation is biased and several times less accurate on long sums, so round here (ties away
-    # from zero, like cvt.rna.tf32.f32). NaN is kept as is.
-    bits = v.to(tl.int32, bitcast=True)
-    rounded = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
-    return tl.where(v == v, rounded, v)
-
-
-@triton.jit
-def _mma(a, b, acc, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     if UPCAST:
         # The interpreter (triton 3.8) multiplies bfloat16 operands as their raw 16-bit patterns.
         # Upcasting is exact (products of bf16 values fit in fp32), so results equal the GPU's.
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if ROUND_TF32:
-        a = _round_to_tf32(a)
-        b = _round_to_tf32(b)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
@@ -99,7 +85,6 @@ def _conv_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -148,7 +133,7 @@ def _conv_kernel(
             a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(x_img[:, None] + (ih * W + iw) * C + c[None, :], mask=a_ok, other=0.0)
             b = tl.load(w_rows[None, :] + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, ROUND_TF32, UPCAST, INPUT_PRECISION)
+            acc = _mma(a, b, acc, UPCAST, INPUT_PRECISION)
     else:
         # One tap (r, s) and BLOCK_K channels per step: the tap is a scalar, so the per-step
         # address math is one vector over rows, not a BLOCK_M x BLOCK_K tile of divisions.
@@ -169,7 +154,7 @@ def _conv_kernel(
             a_cols = (r * DIL_H * W + s * DIL_W) * C + c
             a = tl.load(a_rows[:, None] + a_cols[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(w_rows[None, :] + (tap * CIN_G + c)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, ROUND_TF32, UPCAST, INPUT_PRECISION)
+            acc = _mma(a, b, acc, UPCAST, INPUT_PRECISION)
 
     co = group * COUT_G + offs_n
     if HAS_BIAS:
@@ -331,7 +316,8 @@ def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def use_tf32(x: torch.Tensor) -> bool:
-    """fp32 convolutions follow eager PyTorch: TF32 tensor cores on CUDA when cuDNN may use them."""
+    """Whether an fp32 convolution may run on TF32 tensor cores: on CUDA, when eager PyTorch lets
+    cuDNN use them (torch.backends.cudnn.allow_tf32)."""
     if x.dtype != torch.float32 or not x.is_cuda:
         return False
     try:
@@ -379,6 +365,10 @@ def launch(out, x, w, bias, residual, stride, padding, dilation, groups, relu, *
     # per group than that, a flat walk over all of K wastes less of each tensor-core step.
     flat_k = r * s > 1 and cin_g % 16 != 0
     tf32 = use_tf32(x)
+    # fp32 on tensor cores takes three TF32 products per step (big*big + big*small + small*big,
+    # "tf32x3"), which keeps fp32 accuracy: plain TF32 would be as accurate as eager only where cuDNN
+    # itself picks a TF32 algorithm, and it does not for every layer (small or grouped ones).
+    precision = "tf32" if x.dtype != torch.float32 else ("tf32x3" if tf32 else "ieee")
     kernel, meta = _kernel_and_meta(x, m, cout_g, _k_step(flat_k, r * s * cin_g, cin_g), groups)
     if traceable:
         kernel = torch.library.wrap_triton(kernel)
@@ -417,9 +407,8 @@ def launch(out, x, w, bias, residual, stride, padding, dilation, groups, relu, *
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         RELU=relu,
-        ROUND_TF32=tf32,
         UPCAST=_interpreting() and x.dtype == torch.bfloat16,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 and not tf32 else "tf32",
+        INPUT_PRECISION=precision,
         GROUP_M=8,
         **meta,
     )
