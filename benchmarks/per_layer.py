@@ -32,7 +32,7 @@ from fused_resnet.parity import relative_error  # noqa: E402
 from fused_resnet.timing import graph_time_ms, quantiles, time_ms  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-COLUMNS = ["batch", "layer", "count", "impl", "median_us", "tflops", "gbps", "pct_peak_flops", "pct_peak_bw", "vs_cudnn_conv", "error"]
+COLUMNS = ["batch", "layer", "count", "impl", "median_us", "tflops", "gbps", "pct_peak_flops", "pct_peak_bw", "vs_cudnn_conv", "error", "kernel"]
 
 
 def distinct_layers(batch: int, image_size: int) -> list[dict]:
@@ -114,7 +114,9 @@ def measure(args, device) -> tuple[list[dict], tuple[float, float]]:
                 error = relative_error(run(), expected) if impl.startswith("ours") else None
                 _, median, _ = quantiles(graph_time_ms(run, device, iters=args.iters, warmup=3))
                 tflops, gbps = flops / median / 1e9, nbytes / median / 1e6
-                group.append(dict(batch=batch, layer=name_of(layer), count=layer["count"], impl=impl, median_us=median * 1e3, tflops=tflops, gbps=gbps, pct_peak_flops=100 * tflops / peak_tflops, pct_peak_bw=100 * gbps / peak_gbps, error=error))
+                # Which compiled kernel the CUDA C++ backend measured fastest (CUTLASS 2.x or Hopper).
+                kernel = backends.get("cuda").chosen_kernel(x, w, bias, residual, conv["stride"], conv["padding"], conv["dilation"], layer["relu"]) if impl == "ours cuda" else None
+                group.append(dict(batch=batch, layer=name_of(layer), count=layer["count"], impl=impl, median_us=median * 1e3, tflops=tflops, gbps=gbps, pct_peak_flops=100 * tflops / peak_tflops, pct_peak_bw=100 * gbps / peak_gbps, error=error, kernel=kernel))
             cudnn_us = group[0]["median_us"]
             for row in group:
                 row["vs_cudnn_conv"] = cudnn_us / row["median_us"]

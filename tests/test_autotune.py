@@ -111,6 +111,9 @@ def test_cuda_backend_measures_its_kernels_once_per_layer(tuner, monkeypatch):
 
     conv(64)  # the few-channels kernel does not serve 64 channels
     assert launched == [-1, 0, 1, 1]
+    x, weight = torch.randn(2, 64, 5, 5), torch.randn(8, 64, 3, 3)
+    assert cuda.chosen_kernel(x, weight, None, None, [1, 1], [0, 0], [1, 1], True) == "optimized_small"
+    assert cuda.chosen_kernel(x, weight, None, None, [1, 1], [0, 0], [1, 1], False) is None  # never run
     launched.clear()
     conv(64)
     assert launched == [1]  # remembered: no measurement

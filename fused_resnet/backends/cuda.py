@@ -154,14 +154,25 @@ def _serving_configs(x, weight, padding, dilation) -> list[int]:
 _config_choice: dict[tuple, int] = {}
 
 
+def _choice_key(x, weight, bias, residual, stride, padding, dilation, relu) -> tuple:
+    return (
+        x.device, x.dtype, x.shape, x.stride(), weight.shape, bias is not None,
+        None if residual is None else residual.stride(), tuple(stride), tuple(padding), tuple(dilation), relu,
+    )  # fmt: skip
+
+
+def chosen_kernel(x, weight, bias, residual, stride, padding, dilation, relu) -> str | None:
+    """The name of the kernel measured fastest for this layer ("heuristic": the extension's size
+    rule), or None before the layer has run; for benchmark reports."""
+    config = _config_choice.get(_choice_key(x, weight, bias, residual, stride, padding, dilation, relu))
+    return None if config is None else (_HEURISTIC if config < 0 else CONV_CONFIGS[config])
+
+
 def _measured_config(out, x, weight, bias, residual, stride, padding, dilation, relu) -> int:
     """The index of the fastest kernel for this layer (-1, the heuristic, when not measuring)."""
     if not autotune.enabled():
         return -1
-    key = (
-        x.device, x.dtype, x.shape, x.stride(), weight.shape, bias is not None,
-        None if residual is None else residual.stride(), tuple(stride), tuple(padding), tuple(dilation), relu,
-    )  # fmt: skip
+    key = _choice_key(x, weight, bias, residual, stride, padding, dilation, relu)
     config = _config_choice.get(key)
     if config is not None:
         return config
