@@ -1,7 +1,8 @@
 """What every benchmark run records about itself, and how its rows are written.
 
 One run writes benchmarks/results/<name>-<UTC time>.json (every row carries the environment), a
-Markdown table beside it, and a PNG chart when matplotlib is there.
+Markdown table beside it (its summary under the table), and a PNG chart when matplotlib is there.
+Then the README's results section is rewritten to show the newest GPU run of each benchmark.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = RESULTS.parent.parent / "README.md"
+BENCHMARKS = ("end_to_end", "per_layer")
+# The README lines between these two markers are this module's to rewrite.
+SECTION_START = "<!-- newest GPU results: written by benchmarks/results_io.py -->"
+SECTION_END = "<!-- end of newest GPU results -->"
 
 
 def environment(device: torch.device) -> dict:
@@ -85,4 +91,55 @@ def write(name: str, rows: list[dict], columns: list[str], env: dict, summary: s
             pass
     written = [base.with_suffix(suffix) for suffix in (".json", ".md", ".png")]
     print("wrote " + ", ".join(str(path) for path in written if path.exists()))
+    if update_readme():
+        print(f"updated the newest results in {README}")
     return base
+
+
+def newest_gpu_runs(results: Path) -> list[Path]:
+    """The Markdown file of the newest run of each benchmark that ran on a GPU (file names sort by time)."""
+    newest = []
+    for name in BENCHMARKS:
+        for path in sorted(results.glob(f"{name}-*.json"), reverse=True):
+            try:
+                rows = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if rows and rows[0].get("device") not in (None, "cpu") and path.with_suffix(".md").exists():
+                newest.append(path.with_suffix(".md"))
+                break
+    return newest
+
+
+def results_section(runs: list[Path], relative_to: Path) -> str:
+    """Per run: a link to its table (and chart), the line naming its GPU and versions, its summary."""
+    if not runs:
+        return "No GPU run is committed yet."
+    parts = []
+    for md in runs:
+        lines = md.read_text().splitlines()
+        stamp = next((line for line in lines[1:] if line.strip()), "")
+        table_end = max((i for i, line in enumerate(lines) if line.startswith("|")), default=len(lines))
+        summary = "\n".join(lines[table_end + 1 :]).strip()
+        links = f"[table]({md.relative_to(relative_to).as_posix()})"
+        if md.with_suffix(".png").exists():
+            links += f", [chart]({md.with_suffix('.png').relative_to(relative_to).as_posix()})"
+        parts.append(f"**{md.stem.split('-')[0]}** ({links}): {stamp}\n\n{summary}")
+    return "\n\n".join(parts)
+
+
+def update_readme(readme: Path | None = None, results: Path | None = None) -> bool:
+    """Rewrites the README's results section from the files under `results` (default: README and
+    RESULTS); False if the README has no such section."""
+    readme, results = readme or README, results or RESULTS
+    try:
+        text = readme.read_text()
+    except OSError:
+        return False
+    if SECTION_START not in text or SECTION_END not in text:
+        return False
+    head, rest = text.split(SECTION_START, 1)
+    _, tail = rest.split(SECTION_END, 1)
+    section = results_section(newest_gpu_runs(results), readme.parent)
+    readme.write_text(f"{head}{SECTION_START}\n{section}\n{SECTION_END}{tail}")
+    return True
