@@ -125,6 +125,18 @@ def choose(device: torch.device, key: str, candidates: dict[str, Callable[[], ob
         return best
 
 
+def remember(memo: dict, key, device: torch.device, compute: Callable[[], object]):
+    """`memo[key]`, else `compute()` (which may measure), kept in `memo` for the next call: a choice
+    looked up once per call on the launch path. A choice made during a CUDA graph capture is not kept:
+    nothing could be timed then."""
+    value = memo.get(key)
+    if value is None:
+        value = compute()
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            memo[key] = value
+    return value
+
+
 def forget() -> None:
     """Drops the in-memory choices (the file stays); the next lookup reloads it."""
     global _choices

@@ -61,6 +61,8 @@ TRITON_DECOMPOSITIONS = {
     torch.ops.fused_resnet.conv2d_bias_act.default: _conv2d_bias_act_triton,
     torch.ops.fused_resnet.add_relu.default: _add_relu_triton,
 }
+
+
 def _conv2d_bias_act_cuda(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
     from .backends import cuda
 
@@ -79,27 +81,24 @@ CUDA_DECOMPOSITIONS = {
     torch.ops.fused_resnet.conv2d_bias_act.default: _conv2d_bias_act_cuda,
     torch.ops.fused_resnet.add_relu.default: _add_relu_cuda,
 }
-LOWERINGS = ("fused", "aten", "triton", "cuda")
+
+# What export_program's `lower_to` names: the decompositions to run (None: keep our ops).
+LOWERINGS = {"fused": None, "aten": DECOMPOSITIONS, "triton": TRITON_DECOMPOSITIONS, "cuda": CUDA_DECOMPOSITIONS}
 
 
 def _lowering_table(lower_to: str, args: tuple) -> dict | None:
     if lower_to not in LOWERINGS:
         raise ValueError(f"lower_to must be one of {', '.join(map(repr, LOWERINGS))}, got {lower_to!r}")
-    if lower_to == "fused":
-        return None
-    if lower_to == "aten":
-        return DECOMPOSITIONS
-    from . import backends
+    if lower_to in ("triton", "cuda"):  # the ops run on our kernels: the inputs' device must suit them
+        from . import backends
 
-    for device in {a.device for a in args if isinstance(a, Tensor)}:
-        reason = backends.get(lower_to).unavailable_reason(device)
-        if reason is not None:
-            raise ValueError(f"lower_to={lower_to!r} cannot serve the {device.type} inputs: {reason}")
-    if lower_to == "cuda":
-        return CUDA_DECOMPOSITIONS
-    from .backends.triton import library  # noqa: F401  (registers the fused_resnet_triton ops)
-
-    return TRITON_DECOMPOSITIONS
+        for device in {a.device for a in args if isinstance(a, Tensor)}:
+            reason = backends.get(lower_to).unavailable_reason(device)
+            if reason is not None:
+                raise ValueError(f"lower_to={lower_to!r} cannot serve the {device.type} inputs: {reason}")
+    if lower_to == "triton":
+        from .backends.triton import library  # noqa: F401  (registers the fused_resnet_triton ops)
+    return LOWERINGS[lower_to]
 
 
 def _as_tuple(args) -> tuple:

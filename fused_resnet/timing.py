@@ -48,16 +48,8 @@ def graph_time_ms(fn: Callable[[], object], device: torch.device, iters: int = 2
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    graph.replay()  # the first replay may upload the graph
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return times
+    # One warm-up replay: the first may upload the graph.
+    return [ms / calls for ms in time_ms(graph.replay, device, iters=iters, warmup=1)]
 
 
 def quantiles(times: list[float]) -> tuple[float, float, float]:

@@ -9,13 +9,16 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -128,13 +131,26 @@ bool hopper_kernels_enabled() {
 #endif
 }
 
-// An attribute of the current device (cheap: no cudaGetDeviceProperties).
-int device_attribute(cudaDeviceAttr attribute) {
-  int device = 0;
-  int value = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
-  return value;
+// What the launcher needs to know of the current device, queried once per device rather than
+// on every launch.
+struct DeviceInfo {
+  int major = 0;
+  int minor = 0;
+  int sm_count = 0;
+};
+
+const DeviceInfo& current_device_info() {
+  static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> queried;
+  static std::array<DeviceInfo, C10_COMPILE_TIME_MAX_GPUS> infos;
+  const int device = c10::cuda::current_device();
+  TORCH_CHECK(device >= 0 && device < int(infos.size()), "fused_resnet: device index ", device, " out of range");
+  std::call_once(queried[device], [device] {
+    DeviceInfo& info = infos[device];
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
+  });
+  return infos[device];
 }
 
 void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x) {
@@ -181,13 +197,14 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
   }
 
   c10::cuda::CUDAGuard guard(x.device());
-  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor);
-  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor);
+  const DeviceInfo& device = current_device_info();
+  const int major = device.major;
+  const int minor = device.minor;
   TORCH_CHECK(major >= 8, op, "the tensor-core kernels need compute capability 8.0 or newer, ", x.device(), " has ",
               major, ".", minor);
   // sm_90a machine code runs on compute capability 9.0 only.
   const bool hopper_device = hopper_kernels_enabled() && major == 9 && minor == 0;
-  const int64_t sm_count = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t sm_count = device.sm_count;
 
   const bool heuristic = config < 0;
   if (heuristic) {

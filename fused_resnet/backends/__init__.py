@@ -32,6 +32,8 @@ from types import ModuleType
 
 import torch
 
+from .. import autotune
+
 NAMES = ("cuda", "triton", "cudnn", "torch")
 
 
@@ -135,8 +137,6 @@ def _measure(key: tuple, run) -> Callable[[list[ModuleType]], ModuleType]:
     """A `tune` for _select: times `run(backend)` for each candidate (autotune keeps it on disk)."""
 
     def tune(candidates: list[ModuleType]) -> ModuleType:
-        from .. import autotune
-
         runs = {b.NAME: (lambda b=b: run(b)) for b in candidates}
         return get(autotune.choose(key[1], " ".join(map(str, key)), runs))
 
@@ -154,15 +154,12 @@ def select_conv(name, x, weight, bias, residual, stride, padding, dilation, grou
         bias is not None, None if residual is None else residual.stride(),
         tuple(stride), tuple(padding), tuple(dilation), groups, relu,
     )  # fmt: skip
-    chosen = _auto_choice.get(key)
-    if chosen is None:
-        run = lambda b: b.conv2d_bias_act(  # noqa: E731
-            torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, groups, relu
-        )
-        chosen = _select(name, x.device, "convolution", reason_of, _measure(key, run))
-        if not torch.cuda.is_current_stream_capturing():  # inside a capture nothing was measured
-            _auto_choice[key] = chosen
-    return chosen
+    def run(b):
+        return b.conv2d_bias_act(torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+    return autotune.remember(
+        _auto_choice, key, x.device, lambda: _select(name, x.device, "convolution", reason_of, _measure(key, run))
+    )
 
 
 def select_add_relu(name, x, y) -> ModuleType:

@@ -172,23 +172,20 @@ def _measured_config(out, x, weight, bias, residual, stride, padding, dilation, 
     """The index of the fastest kernel for this layer (-1, the heuristic, when not measuring)."""
     if not autotune.enabled():
         return -1
-    key = _choice_key(x, weight, bias, residual, stride, padding, dilation, relu)
-    config = _config_choice.get(key)
-    if config is not None:
-        return config
 
     def run(config):
         return lambda: _launch(torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, relu, config)
 
-    # The heuristic comes first: it is what a CUDA graph capture gets for a layer never measured.
-    candidates = {_HEURISTIC: run(-1)}
-    candidates.update((CONV_CONFIGS[i], run(i)) for i in _serving_configs(x, weight, padding, dilation))
-    layer = autotune.layer_key("fused_resnet_C::conv2d_bias_act", (x, weight, bias, residual), stride, padding, dilation, relu)
-    name = autotune.choose(x.device, layer, candidates)
-    config = -1 if name == _HEURISTIC else CONV_CONFIGS.index(name)
-    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):  # a capture measures nothing
-        _config_choice[key] = config
-    return config
+    def measure() -> int:
+        # The heuristic comes first: it is what a CUDA graph capture gets for a layer never measured.
+        candidates = {_HEURISTIC: run(-1)}
+        candidates.update((CONV_CONFIGS[i], run(i)) for i in _serving_configs(x, weight, padding, dilation))
+        layer = autotune.layer_key("fused_resnet_C::conv2d_bias_act", (x, weight, bias, residual), stride, padding, dilation, relu)
+        name = autotune.choose(x.device, layer, candidates)
+        return -1 if name == _HEURISTIC else CONV_CONFIGS.index(name)
+
+    key = _choice_key(x, weight, bias, residual, stride, padding, dilation, relu)
+    return autotune.remember(_config_choice, key, x.device, measure)
 
 
 def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu, config: int | None = None) -> None:
