@@ -84,7 +84,9 @@ if torch is not None and CUDA_HOME is not None and os.environ.get("FUSED_RESNET_
             sources=sources,
             include_dirs=include_dirs,
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++20", *defines],
+                # The archs it has machine code for, so that it can refuse a GPU it has none for
+                # (csrc/cuda_archs.cpp); commas, as a ';' would end the compiler's command line.
+                "cxx": ["-O3", "-std=c++20", *defines, "-DFUSED_RESNET_CUDA_ARCHS=" + arch_list.replace(";", ",")],
                 "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", *defines],
             },
             py_limited_api=False,

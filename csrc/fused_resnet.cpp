@@ -1,8 +1,9 @@
 // The fused_resnet_C operator library: schemas, the CPU kernels, and the Python module stub.
 //
 // CUDA kernels are registered in csrc/cuda/*.cu (TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m)).
-// The fake (meta) implementations are in fused_resnet/backends/cuda.py. Every op that writes a
-// preallocated `out` has a functional twin that allocates it, so either form can be used and checked.
+// The fake (meta) implementations and the derivatives of the functional ops are in
+// fused_resnet/backends/cuda.py. Every op that writes a preallocated `out` has a functional twin
+// that allocates it, so either form can be used and checked.
 
 #include <Python.h>
 
@@ -10,12 +11,18 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/TensorIterator.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda/conv2d_cutlass.h"
+#include "cuda_archs.h"
+#ifdef FUSED_RESNET_WITH_CUTLASS
+#include "cuda/conv2d_kernel_choice.h"
+#endif
 
 // `import fused_resnet._C` loads this library, which runs the registrations below. The module
 // itself has no functions: everything is reached through torch.ops.fused_resnet_C.
@@ -78,6 +85,41 @@ std::vector<std::string> conv2d_configs() {
   return names;
 }
 
+constexpr const char* kNoConvKernels =
+    "this build of fused_resnet._C has no conv kernels (the CUTLASS headers were missing at build time)";
+
+std::string conv2d_layer_unsupported(at::ScalarType dtype, int64_t in_channels, at::IntArrayRef weight_size) {
+  TORCH_CHECK(weight_size.size() == 4, "fused_resnet_C::conv2d_layer_unsupported: weight_size must be (K, C, R, S), got ",
+              weight_size);
+#ifdef FUSED_RESNET_WITH_CUTLASS
+  return conv2d_layer_unsupported_reason(dtype, in_channels, weight_size[0], weight_size[1], weight_size[2],
+                                         weight_size[3]);
+#else
+  return kNoConvKernels;
+#endif
+}
+
+std::tuple<std::string, std::string, bool> conv2d_kernel(at::ScalarType dtype, at::IntArrayRef x_size,
+                                                         at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                         bool residual, at::IntArrayRef capability, int64_t sm_count,
+                                                         int64_t config) {
+  TORCH_CHECK(x_size.size() == 4 && weight_size.size() == 4 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2 && capability.size() == 2,
+              "fused_resnet_C::conv2d_kernel: x_size and weight_size must have 4 sizes; stride, padding, dilation and ",
+              "capability 2");
+#ifdef FUSED_RESNET_WITH_CUTLASS
+  const Conv2dLayer layer{dtype,          x_size[0],      x_size[1],      x_size[2],
+                          x_size[3],      weight_size[0], weight_size[1], weight_size[2],
+                          weight_size[3], {stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]},
+                          residual};
+  const Conv2dKernelChoice choice = choose_conv2d_kernel(layer, GpuInfo{capability[0], capability[1], sm_count}, config);
+  return {choice.config < 0 ? "" : kConv2dConfigs[choice.config].name, choice.reason, choice.can_implement};
+#else
+  return {"", kNoConvKernels, false};
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fused_resnet_C, m) {
@@ -93,11 +135,35 @@ TORCH_LIBRARY(fused_resnet_C, m) {
       "conv2d_bias_act_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
       "int[2] padding, int[2] dilation, bool relu, int config, Tensor(a!) out) -> ()");
   m.def("conv2d_configs() -> str[]", &conv2d_configs);
+  // Which kernel serves a layer on a GPU of compute capability `capability` with `sm_count` SMs:
+  // (its name, or "" when none; why it cannot serve the layer, or "" when it can; whether CUTLASS's
+  // can_implement accepts it). config as in conv2d_bias_act. The rule the CUDA kernels follow,
+  // evaluated from sizes alone: it needs no GPU.
+  m.def(
+      "conv2d_kernel(ScalarType dtype, int[] x_size, int[] weight_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool residual, int[2] capability, int sm_count, int config=-1) -> "
+      "(str kernel, str reason, bool can_implement)",
+      &conv2d_kernel);
+  // Why no conv kernel serves layers of this dtype, input channels and weight size whatever the
+  // batch, spatial size and GPU ("" if one may): what an op traced with a symbolic batch can check.
+  m.def("conv2d_layer_unsupported(ScalarType dtype, int in_channels, int[] weight_size) -> str",
+        &conv2d_layer_unsupported);
+  // The TORCH_CUDA_ARCH_LIST the library was built with, and why it cannot run on a GPU of compute
+  // capability major.minor ("" if it can).
+  m.def("cuda_archs() -> str", &built_cuda_archs);
+  m.def("cuda_arch_unsupported(int major, int minor) -> str", &cuda_arch_unsupported_reason);
 }
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
   m.impl("add_relu", &add_relu_cpu);
   m.impl("add_relu_out", &add_relu_out_cpu);
+}
+
+// The functional ops get their derivatives in Python (fused_resnet/backends/cuda.py). The out=
+// forms have none: backward through their output raises, rather than passing gradients silently.
+TORCH_LIBRARY_IMPL(fused_resnet_C, Autograd, m) {
+  m.impl("add_relu_out", torch::autograd::autogradNotImplementedFallback());
+  m.impl("conv2d_bias_act_out", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace fused_resnet

@@ -66,7 +66,7 @@ TRITON_DECOMPOSITIONS = {
 def _conv2d_bias_act_cuda(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
     from .backends import cuda
 
-    if cuda.kernel_unsupported_reason(x, weight, groups) is not None:
+    if cuda.kernel_unsupported_reason(x, weight) is not None:
         return _conv2d_bias_act_aten(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
     # config -1: the extension's size heuristic picks the kernel each time the program runs.
     return torch.ops.fused_resnet_C.conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, relu, -1)

@@ -38,6 +38,22 @@ def _compiled(model: nn.Module, mode: str, freezing: bool = False) -> Callable:
     return run
 
 
+def _with_cudnn_autotuner(run: Callable) -> Callable:
+    """`run` with cuDNN's autotuner on (torch.backends.cudnn.benchmark), as cuDNN is run by anyone
+    timing it: without it, cuDNN takes its heuristic's first algorithm. The flag is restored after
+    each call, so that the peers around this one run with the caller's setting."""
+
+    def call(x):
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            return run(x)
+        finally:
+            torch.backends.cudnn.benchmark = previous
+
+    return call
+
+
 def of_backend(backend: str) -> str:
     """The peer that runs fr.fuse(model, backend=backend)."""
     return next(name for name, b in _BACKEND_OF.items() if b == backend)
@@ -69,6 +85,8 @@ def build(name: str, model: nn.Module, dtype: torch.dtype) -> Callable:
         return _compiled(channels_last, "reduce-overhead")
     if name == "ours auto + CUDA graph":
         return fr.CUDAGraphModule(fr.fuse(model, backend="auto"))
+    if name == "cudnn fused":
+        return _with_cudnn_autotuner(fr.fuse(model, backend="cudnn"))
     if name in _BACKEND_OF:
         return fr.fuse(model, backend=_BACKEND_OF[name])
     raise ValueError(f"unknown peer {name!r}; known: {', '.join(ALL)}")

@@ -71,6 +71,16 @@ SCHEMAS = {
         "int[2] stride, int[2] padding, int[2] dilation, bool relu, int config, Tensor(a!) out) -> ()"
     ),
     "conv2d_configs": "fused_resnet_C::conv2d_configs() -> str[]",
+    "conv2d_kernel": (
+        "fused_resnet_C::conv2d_kernel(ScalarType dtype, int[] x_size, int[] weight_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, bool residual, int[2] capability, int sm_count, int config=-1) "
+        "-> (str kernel, str reason, bool can_implement)"
+    ),
+    "conv2d_layer_unsupported": (
+        "fused_resnet_C::conv2d_layer_unsupported(ScalarType dtype, int in_channels, int[] weight_size) -> str"
+    ),
+    "cuda_archs": "fused_resnet_C::cuda_archs() -> str",
+    "cuda_arch_unsupported": "fused_resnet_C::cuda_arch_unsupported(int major, int minor) -> str",
 }
 
 
@@ -78,7 +88,17 @@ def test_extension_imports():
     import fused_resnet._C as extension
 
     assert extension is cuda_backend._C
-    assert cuda_backend.unavailable_reason(torch.device("cuda")) is None
+    reason = cuda_backend.unavailable_reason(torch.device("cuda"))
+    if torch.cuda.is_available():
+        assert reason is None or "no machine code" in reason
+    else:
+        assert reason == "no CUDA GPU is available"
+
+
+def test_extension_records_the_archs_it_was_built_for():
+    archs = C_OPS.cuda_archs()
+    assert archs == cuda_backend.BUILT_ARCHS
+    assert archs and all(re.fullmatch(r"\d+\.\d+[af]?(\+PTX)?", arch) for arch in archs.split(";")), archs
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
@@ -89,10 +109,10 @@ def test_op_schema(name):
 @pytest.mark.parametrize(
     "name, keys",
     [
-        ("add_relu", ("CPU", "CUDA")),
-        ("add_relu_out", ("CPU", "CUDA")),
-        pytest.param("conv2d_bias_act", ("CUDA",), marks=NEEDS_CONV),
-        pytest.param("conv2d_bias_act_out", ("CUDA",), marks=NEEDS_CONV),
+        ("add_relu", ("CPU", "CUDA", "Autograd")),
+        ("add_relu_out", ("CPU", "CUDA", "Autograd")),
+        pytest.param("conv2d_bias_act", ("CUDA", "Autograd"), marks=NEEDS_CONV),
+        pytest.param("conv2d_bias_act_out", ("CUDA", "Autograd"), marks=NEEDS_CONV),
     ],
 )
 def test_op_kernels_registered(name, keys):
@@ -182,6 +202,81 @@ def test_fake_impls_on_cuda_tensors():
             C_OPS.conv2d_bias_act(x, weight, bias, residual, [1, 1], [1, 1], [1, 1], True)
 
 
+# What the CUDA conv kernel refuses for any batch: (x dtype, Cout, Cin of the weight, the message).
+# The fakes refuse the same with the same RuntimeError; so does the real kernel (GPU test below).
+KERNEL_REFUSALS = {
+    "float32": (torch.float32, 64, 16, "its tensor-core conv kernels take float16 and bfloat16, not float32"),
+    "cout_12": (torch.float16, 12, 16, "12 output channels: the kernels need a multiple of 8"),
+    "grouped": (torch.bfloat16, 64, 8, "grouped convolution"),
+}
+
+
+def _refused_conv_args(case, device="cuda"):
+    dtype, cout, cin, _ = KERNEL_REFUSALS[case]
+    x = torch.empty(2, 16, 9, 9, dtype=dtype, device=device)
+    weight = torch.empty(cout, cin, 3, 3, dtype=dtype, device=device)
+    return (x, weight, None, None, [1, 1], [1, 1], [1, 1], True)
+
+
+@NEEDS_CONV
+@pytest.mark.parametrize("case", sorted(KERNEL_REFUSALS))
+def test_fake_impls_refuse_what_the_kernel_refuses(case):
+    message = KERNEL_REFUSALS[case][-1]
+    with FakeTensorMode():
+        args = _refused_conv_args(case)
+        with pytest.raises(RuntimeError, match=message):
+            C_OPS.conv2d_bias_act(*args)
+        out = torch.empty(2, args[1].shape[0], 9, 9, dtype=args[0].dtype, device="cuda")
+        with pytest.raises(RuntimeError, match=message):
+            C_OPS.conv2d_bias_act_out(*args, -1, out)
+
+
+@NEEDS_CONV
+def test_fake_and_real_conv_refuse_cpu_tensors():
+    x, weight = torch.randn(1, 16, 9, 9, dtype=torch.float16), torch.randn(16, 16, 3, 3, dtype=torch.float16)
+    args = (x, weight, None, None, [1, 1], [1, 1], [1, 1], True)
+    with pytest.raises(RuntimeError, match="'fused_resnet_C::conv2d_bias_act' with arguments from the 'CPU' backend"):
+        C_OPS.conv2d_bias_act(*args)  # the real op has no CPU kernel
+    with FakeTensorMode(), pytest.raises(RuntimeError, match="x must be a CUDA tensor, got one on cpu"):
+        C_OPS.conv2d_bias_act(*(torch.empty_like(a) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: the functional ops have derivatives, the out= forms refuse backward
+# ---------------------------------------------------------------------------------------------
+
+
+def test_add_relu_gradients_cpu(generator):
+    x = torch.randn(2, 8, 5, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 8, 5, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(C_OPS.add_relu, (x, y))
+    torch.library.opcheck(C_OPS.add_relu, (x, y))  # with inputs requiring grad: checks the registration
+
+
+def test_add_relu_out_refuses_backward(generator):
+    x = torch.randn(2, 8, generator=generator, requires_grad=True)
+    y = torch.randn(2, 8, generator=generator)
+    out = torch.empty(2, 8)
+    C_OPS.add_relu_out(x, y, out)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        out.sum().backward()
+
+
+@NEEDS_CONV
+@pytest.mark.parametrize("relu", [True, False])
+def test_conv_gradients_match_aten_on_fake_cuda_tensors(relu):
+    """Shapes and dtypes of every gradient, traced with fake CUDA tensors (no GPU)."""
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 9, 9, dtype=torch.float16, device="cuda", requires_grad=True)
+        weight = torch.empty(32, 16, 3, 3, dtype=torch.float16, device="cuda", requires_grad=True)
+        bias = torch.empty(32, dtype=torch.float16, device="cuda", requires_grad=True)
+        residual = torch.empty(2, 32, 5, 5, dtype=torch.float16, device="cuda", requires_grad=True)
+        out = C_OPS.conv2d_bias_act(x, weight, bias, residual, [2, 2], [1, 1], [1, 1], relu)
+        grads = torch.autograd.grad(out.sum(), (x, weight, bias, residual))
+        assert [g.shape for g in grads] == [x.shape, weight.shape, bias.shape, residual.shape]
+        assert all(g.dtype == torch.float16 and g.device.type == "cuda" for g in grads)
+
+
 # ---------------------------------------------------------------------------------------------
 # Backend contract checks that need no GPU
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +295,8 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
 @pytest.mark.parametrize(
     "dtype, cout, cin, kernel, groups, reason",
     [
-        (torch.float32, 64, 64, 3, 1, "float16 and bfloat16, not torch.float32"),
-        (torch.float64, 64, 64, 3, 1, "float16 and bfloat16, not torch.float64"),
+        (torch.float32, 64, 64, 3, 1, "float16 and bfloat16, not float32"),
+        (torch.float64, 64, 64, 3, 1, "float16 and bfloat16, not float64"),
         (torch.float16, 64, 32, 3, 2, "grouped convolution"),
         (torch.bfloat16, 12, 64, 3, 1, "12 output channels"),
         (torch.float16, 64, 64, 33, 1, "33x33 kernel"),
@@ -263,6 +358,23 @@ def test_sm90_machine_code_uses_tensor_cores():
         assert re.search(r"HGMMA\.\d+x\d+x16\.F32", body), f"no HGMMA in {name[:120]}..."
         assert re.search(r"UTMALDG\.4D\.IM2COL", body), f"no im2col TMA load in {name[:120]}..."
     assert sum(bool(re.search(r"HGMMA\.\S*\.BF16", body)) for body in universal.values()) == 2 * len(hopper)
+
+
+def test_add_relu_kernel_does_not_read_through_the_read_only_cache():
+    """out may alias x or y (add_relu_out(x, y, x)): the kernel must not load them as read-only data
+    (LDG ... .CONSTANT, what __restrict__ const pointers allow), which a concurrent write makes stale."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit bin/ or the triton wheel)")
+    library = cuda_backend._C.__file__
+    sass = subprocess.run([tool, "-sass", "-arch", "sm_80", library], capture_output=True, text=True, check=True).stdout
+    functions = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S))
+    kernels = {name: body for name, body in functions.items() if "add_relu_kernel" in name}
+    assert len(kernels) >= 8, sorted(functions)[:10]  # 4 dtypes x (vectorised, scalar)
+    for name, body in kernels.items():
+        loads = re.findall(r"LDG\.E\S*", body)
+        assert loads, f"no global loads in {name}"
+        assert not [load for load in loads if "CONSTANT" in load], (name, loads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,6 +588,40 @@ def test_add_relu_cuda_layouts(dtype, layout):
     out = torch.full((3, 24, 7, 18), float("nan"), dtype=dtype, device="cuda")[..., ::2]  # not dense
     C_OPS.add_relu_out(x, y, out)
     torch.testing.assert_close(out, Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("into", ["x", "y"])
+def test_add_relu_cuda_in_place(into):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(3, 64, 33, 17, generator=g, device="cuda", dtype=torch.float16)
+    y = torch.randn(3, 64, 33, 17, generator=g, device="cuda", dtype=torch.float16)
+    expected = Reference.add_relu(x, y)
+    out = x if into == "x" else y
+    C_OPS.add_relu_out(x, y, out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@NEEDS_CONV
+@pytest.mark.parametrize("case", sorted(KERNEL_REFUSALS))
+def test_cuda_kernel_refuses_what_the_fakes_refuse(case):
+    args = _refused_conv_args(case)
+    with pytest.raises(RuntimeError, match=KERNEL_REFUSALS[case][-1]):
+        C_OPS.conv2d_bias_act(*args)
+
+
+@pytest.mark.gpu
+@NEEDS_CONV
+def test_conv_gradients_cuda():
+    x, weight, bias, residual, conv = _conv_inputs("3x3_s2_c128", 2, torch.float32)
+    f64 = [t.double().requires_grad_() for t in (x, weight, bias, residual)]
+    half = [t.half().requires_grad_() for t in (x, weight, bias, residual)]
+    out = C_OPS.conv2d_bias_act(*half, conv["stride"], conv["padding"], conv["dilation"], True)
+    ref = Reference.conv2d_bias_act(*f64, relu=True, **conv)
+    grad = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, half, grad.half()), torch.autograd.grad(ref, f64, grad)):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 @pytest.mark.gpu

@@ -29,9 +29,10 @@ __device__ __forceinline__ T relu_sum(T a, T b) {
 }
 
 // Elements [0, n - n % V) in packs of V (pointers aligned to sizeof(T) * V), then the last
-// n % V elements one per thread.
+// n % V elements one per thread. No __restrict__: out may be x or y (add_relu_out(x, y, x)), and
+// restrict would allow the compiler to read x and y through the read-only cache while out is written.
 template <typename T, int V>
-__global__ void add_relu_kernel(const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ out, int64_t n) {
+__global__ void add_relu_kernel(const T* x, const T* y, T* out, int64_t n) {
   const int64_t packs = n / V;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;

@@ -1,10 +1,13 @@
 // conv2d + bias [+ residual] [+ ReLU] on CUDA: turns torch tensors into a Conv2dProblem for the
-// CUTLASS kernels (conv2d_cutlass.cuh), picks a kernel, and registers the CUDA ops.
+// CUTLASS kernels (conv2d_cutlass.cuh), runs the kernel conv2d_kernel_choice.h picks, and registers
+// the CUDA ops.
 //
 // The kernels want dense, 16-byte aligned NHWC activations and a KRSC filter with a channel count
 // they can read in whole vectors. Tensors that already are so (channels_last tensors from the
 // caching allocator, whose blocks are 512-byte aligned) are used in place; anything else is copied
-// once into that form, with input channels zero-padded (zero filter taps add nothing).
+// once into that form, with input channels zero-padded (zero filter taps add nothing). The stem's
+// 3 channels are padded to 4 here, on every call: the op takes any 3-channel input, and a network
+// entry that fed it 4 channels would change the fused model's stem weight, state_dict and exports.
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -16,16 +19,14 @@
 
 #include <array>
 #include <cstdint>
-#include <cstdlib>
-#include <limits>
 #include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "conv2d_cutlass.h"
+#include "conv2d_kernel_choice.h"
 
 namespace fused_resnet {
 
@@ -39,10 +40,6 @@ std::string describe(const Conv2dProblem& p) {
 
 namespace {
 
-int64_t round_up(int64_t value, int64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
@@ -55,17 +52,11 @@ at::Tensor dense_nhwc(const at::Tensor& t, int64_t channels) {
   if (channels == c && nhwc.is_contiguous() && aligned16(nhwc)) {
     return nhwc;
   }
-  at::Tensor dense = channels == c
-                         ? at::empty(nhwc.sizes(), nhwc.options())
-                         : at::zeros({nhwc.size(0), nhwc.size(1), nhwc.size(2), channels}, nhwc.options());
+  // One pass over the tensor: the copy, and zeros written to the padding channels only.
+  at::Tensor dense = at::empty({nhwc.size(0), nhwc.size(1), nhwc.size(2), channels}, nhwc.options());
   dense.narrow(3, 0, c).copy_(nhwc);
+  dense.narrow(3, c, channels - c).zero_();
   return dense;
-}
-
-int to_int(int64_t value, const char* what) {
-  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<int>::max(), "fused_resnet_C::conv2d_bias_act: ", what,
-              " = ", value, " does not fit the kernels' 32-bit indices");
-  return int(value);
 }
 
 // (N, K, P, Q), after checking the arguments that determine it.
@@ -93,62 +84,19 @@ std::vector<int64_t> output_shape(const at::Tensor& x, const at::Tensor& weight,
   return shape;
 }
 
-// The heuristic behind config = -1: the few-channels kernel for inputs with few channels (the
-// stem); otherwise, among the Hopper kernels where they serve the layer, else the CUTLASS 2.x
-// "optimized" ones, the largest tile that still gives every SM a threadblock, since big tiles
-// reuse more data but small layers need many tiles to fill the GPU. The Python backend measures
-// every kernel instead (fused_resnet/backends/cuda.py), unless told not to.
-int choose_config(int64_t channels, int64_t m, int64_t n, int64_t sm_count, bool hopper) {
-  const Conv2dAlgorithm family = channels <= kFewChannelsMaxC ? Conv2dAlgorithm::kFewChannels
-                                 : hopper                     ? Conv2dAlgorithm::kHopperTma
-                                                              : Conv2dAlgorithm::kOptimized;
-  int chosen = -1;
-  for (int i = 0; i < kNumConv2dConfigs; ++i) {  // each family is listed from its largest tile down
-    const Conv2dConfig& config = kConv2dConfigs[i];
-    if (config.algorithm != family) {
-      continue;
-    }
-    chosen = i;
-    const int64_t tiles = ((m + config.tile_m - 1) / config.tile_m) * ((n + config.tile_n - 1) / config.tile_n);
-    if (tiles >= sm_count) {
-      break;
-    }
-  }
-  return chosen;
-}
-
-// Whether this build holds the Hopper kernels (TORCH_CUDA_ARCH_LIST with 9.0a) and they are not
-// switched off with FUSED_RESNET_DISABLE_SM90=1 (read once; the Python backend reads it too).
-bool hopper_kernels_enabled() {
-#ifdef FUSED_RESNET_WITH_SM90
-  static const bool enabled = [] {
-    const char* value = std::getenv("FUSED_RESNET_DISABLE_SM90");
-    return value == nullptr || std::string(value) != "1";
-  }();
-  return enabled;
-#else
-  return false;
-#endif
-}
-
 // What the launcher needs to know of the current device, queried once per device rather than
 // on every launch.
-struct DeviceInfo {
-  int major = 0;
-  int minor = 0;
-  int sm_count = 0;
-};
-
-const DeviceInfo& current_device_info() {
+const GpuInfo& current_gpu_info() {
   static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> queried;
-  static std::array<DeviceInfo, C10_COMPILE_TIME_MAX_GPUS> infos;
+  static std::array<GpuInfo, C10_COMPILE_TIME_MAX_GPUS> infos;
   const int device = c10::cuda::current_device();
   TORCH_CHECK(device >= 0 && device < int(infos.size()), "fused_resnet: device index ", device, " out of range");
   std::call_once(queried[device], [device] {
-    DeviceInfo& info = infos[device];
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
+    int major = 0, minor = 0, sm_count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+    infos[device] = GpuInfo{major, minor, sm_count};
   });
   return infos[device];
 }
@@ -166,15 +114,10 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
                               at::Tensor& out) {
   const char* op = "fused_resnet_C::conv2d_bias_act: ";
   TORCH_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
-              "the CUTLASS kernels take float16 or bfloat16, got ", x.scalar_type());
   check_tensor(weight, "weight", x);
   check_tensor(out, "out", x);
   const std::vector<int64_t> out_shape = output_shape(x, weight, stride, padding, dilation);
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t k = weight.size(0), r = weight.size(2), s = weight.size(3), p = out_shape[2], q = out_shape[3];
-  TORCH_CHECK(k % kOptimizedAlignment == 0, op, "the number of output channels (", k, ") must be a multiple of ",
-              kOptimizedAlignment);
+  const int64_t n = x.size(0), k = weight.size(0);
   TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), op, "out has shape ", out.sizes(), ", expected ",
               at::IntArrayRef(out_shape));
   if (bias) {
@@ -192,52 +135,25 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
       at::assert_no_overlap(out, *input);
     }
   }
+  const Conv2dLayer layer{x.scalar_type(), n, x.size(1), x.size(2), x.size(3), k, weight.size(1), weight.size(2),
+                          weight.size(3), {stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]},
+                          residual.has_value()};
+  // What no kernel serves is an error whatever the batch, so it is checked before the empty batch returns.
+  const std::string unsupported = conv2d_layer_unsupported_reason(layer.dtype, layer.c, layer.k, layer.weight_c,
+                                                                   layer.r, layer.s);
+  TORCH_CHECK(unsupported.empty(), op, unsupported);
   if (n == 0) {
     return;
   }
 
   c10::cuda::CUDAGuard guard(x.device());
-  const DeviceInfo& device = current_device_info();
-  const int major = device.major;
-  const int minor = device.minor;
-  TORCH_CHECK(major >= 8, op, "the tensor-core kernels need compute capability 8.0 or newer, ", x.device(), " has ",
-              major, ".", minor);
-  // sm_90a machine code runs on compute capability 9.0 only.
-  const bool hopper_device = hopper_kernels_enabled() && major == 9 && minor == 0;
-  const int64_t sm_count = device.sm_count;
+  const GpuInfo& gpu = current_gpu_info();
+  const Conv2dKernelChoice choice = choose_conv2d_kernel(layer, gpu, config);
+  TORCH_CHECK(choice.reason.empty(), op, "on ", x.device(), ": ", choice.reason);
+  const Conv2dConfig& kernel = kConv2dConfigs[choice.config];
 
-  const bool heuristic = config < 0;
-  if (heuristic) {
-    config = choose_config(c, n * p * q, k, sm_count, hopper_device && c % kHopperChannelMultiple == 0);
-  }
-  TORCH_CHECK(config < kNumConv2dConfigs, op, "config ", config, " out of range [-1, ", kNumConv2dConfigs, ")");
-  const Conv2dConfig& kernel = kConv2dConfigs[config];
-  int64_t channels = round_up(c, kOptimizedAlignment);
-  if (kernel.algorithm == Conv2dAlgorithm::kFewChannels) {
-    TORCH_CHECK(c <= kFewChannelsMaxC, op, "config ", kernel.name, " serves inputs with at most ", kFewChannelsMaxC,
-                " channels, x has ", c);
-    channels = round_up(c, kFewChannelsAlignment);
-  }
-  if (kernel.algorithm == Conv2dAlgorithm::kHopperTma) {
-    TORCH_CHECK(hopper_kernels_enabled(), op, "config ", kernel.name, " is switched off (FUSED_RESNET_DISABLE_SM90=1)");
-    TORCH_CHECK(hopper_device, op, "config ", kernel.name, " runs on compute capability 9.0 only, ", x.device(),
-                " has ", major, ".", minor);
-    TORCH_CHECK(c % kHopperChannelMultiple == 0, op, "config ", kernel.name, " needs a multiple of ",
-                kHopperChannelMultiple, " input channels, x has ", c);
-  }
-
-  // CUTLASS computes element offsets in 32 bits: an operand of 2 GiB or more would be misaddressed.
-  // (Python callers are routed elsewhere before this; a graph exported with a dynamic batch is not.)
-  const int64_t element_size = x.element_size();
-  for (const auto& [what, elements] : {std::pair<const char*, int64_t>{"x", n * h * w * channels},
-                                       {"weight", k * r * s * channels},
-                                       {"out", n * k * p * q}}) {
-    TORCH_CHECK(elements * element_size < (int64_t(1) << 31), op, what, " would take ", elements * element_size,
-                " bytes; the kernels index operands below 2 GiB with 32-bit offsets (split the batch)");
-  }
-
-  const at::Tensor x_nhwc = dense_nhwc(x, channels);
-  const at::Tensor weight_krsc = dense_nhwc(weight, channels);
+  const at::Tensor x_nhwc = dense_nhwc(x, choice.channels);
+  const at::Tensor weight_krsc = dense_nhwc(weight, choice.channels);
   at::Tensor bias_dense;
   if (bias) {
     bias_dense = bias->contiguous();
@@ -250,22 +166,7 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
   const bool out_in_place = out_nhwc.is_contiguous() && aligned16(out_nhwc);
   at::Tensor target = out_in_place ? out_nhwc : at::empty(out_nhwc.sizes(), out_nhwc.options());
 
-  Conv2dProblem problem{};
-  problem.n = to_int(n, "N");
-  problem.h = to_int(h, "H");
-  problem.w = to_int(w, "W");
-  problem.c = to_int(channels, "C");
-  problem.k = to_int(k, "K");
-  problem.r = to_int(r, "R");
-  problem.s = to_int(s, "S");
-  problem.p = to_int(p, "P");
-  problem.q = to_int(q, "Q");
-  problem.pad_h = to_int(padding[0], "padding");
-  problem.pad_w = to_int(padding[1], "padding");
-  problem.stride_h = to_int(stride[0], "stride");
-  problem.stride_w = to_int(stride[1], "stride");
-  problem.dilation_h = to_int(dilation[0], "dilation");
-  problem.dilation_w = to_int(dilation[1], "dilation");
+  Conv2dProblem problem = conv2d_problem(layer, choice.channels);
   problem.x = x_nhwc.const_data_ptr();
   problem.weight = weight_krsc.const_data_ptr();
   problem.bias = bias ? bias_dense.const_data_ptr() : nullptr;
@@ -275,26 +176,18 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool half = x.scalar_type() == at::kHalf;
-  bool done = false;
-#ifdef FUSED_RESNET_WITH_SM90
   if (kernel.algorithm == Conv2dAlgorithm::kHopperTma) {
-    done = half ? conv2d_cutlass_sm90_fp16(problem, int(config), stream)
-                : conv2d_cutlass_sm90_bf16(problem, int(config), stream);
-    TORCH_CHECK(done || heuristic, op, "config ", kernel.name, " cannot serve the layer ", describe(problem),
-                " (TMA im2col limits on padding and filter size)");
-    if (!done) {
-      // Chosen by the heuristic but beyond TMA's limits: a CUTLASS 2.x kernel serves it (C is a
-      // multiple of 64, so the operands need no other padding).
-      config = choose_config(c, n * p * q, k, sm_count, false);
-    }
-  }
-#endif
-  if (!done) {
+#ifdef FUSED_RESNET_WITH_SM90
     if (half) {
-      conv2d_cutlass_fp16(problem, int(config), stream);
+      conv2d_cutlass_sm90_fp16(problem, choice.config, stream);
     } else {
-      conv2d_cutlass_bf16(problem, int(config), stream);
+      conv2d_cutlass_sm90_bf16(problem, choice.config, stream);
     }
+#endif
+  } else if (half) {
+    conv2d_cutlass_fp16(problem, choice.config, stream);
+  } else {
+    conv2d_cutlass_bf16(problem, choice.config, stream);
   }
   if (!out_in_place) {
     out_nhwc.copy_(target);

@@ -10,9 +10,7 @@
 
 #pragma once
 
-#include <array>
 #include <cstddef>
-#include <mutex>
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAMacros.h>
@@ -28,6 +26,7 @@
 #include "cutlass/numeric_conversion.h"
 
 #include "conv2d_cutlass.h"
+#include "shared_memory.cuh"
 
 namespace fused_resnet {
 
@@ -179,8 +178,9 @@ inline void check_cutlass(cutlass::Status status, char const* what, int config, 
               " ", what, " for the layer ", describe(problem), ": ", cutlass::cutlassGetStatusString(status));
 }
 
+// The CUTLASS arguments for the problem (null pointers are fine for can_implement).
 template <typename Element, int Config>
-void run_conv2d(const Conv2dProblem& problem, cudaStream_t stream) {
+typename ConvKernel<Element, ConfigShape<Config>>::Device::Arguments conv2d_arguments(const Conv2dProblem& problem) {
   using K = ConvKernel<Element, ConfigShape<Config>>;
   using Layout = cutlass::layout::TensorNHWC;
   using Ref = cutlass::TensorRef<Element, Layout>;
@@ -195,14 +195,25 @@ void run_conv2d(const Conv2dProblem& problem, cudaStream_t stream) {
   // Without a residual the epilogue never reads the source tensor; it still needs a valid ref.
   Ref residual(problem.residual ? ptr(problem.residual) : ptr(problem.out), out_layout);
 
-  typename K::Device::Arguments args(
+  return typename K::Device::Arguments(
       size, Ref(ptr(problem.x), Layout::packed({problem.n, problem.h, problem.w, problem.c})),
       Ref(ptr(problem.weight), Layout::packed({problem.k, problem.r, problem.s, problem.c})), residual, out,
       {problem.residual != nullptr, problem.relu}, cutlass::conv::SplitKMode::kSerial,
       /*ptr_Vector=*/const_cast<void*>(problem.bias), /*ptr_Tensor=*/nullptr,
       /*ldr=*/0,  // the bias row is the same for every output pixel
       /*ldt=*/0);
+}
 
+template <typename Element, int Config>
+bool can_implement_conv2d(const Conv2dProblem& problem) {
+  using K = ConvKernel<Element, ConfigShape<Config>>;
+  return K::Device::can_implement(conv2d_arguments<Element, Config>(problem)) == cutlass::Status::kSuccess;
+}
+
+template <typename Element, int Config>
+void run_conv2d(const Conv2dProblem& problem, cudaStream_t stream) {
+  using K = ConvKernel<Element, ConfigShape<Config>>;
+  const typename K::Device::Arguments args = conv2d_arguments<Element, Config>(problem);
   check_cutlass(K::Device::can_implement(args), "cannot run", Config, problem);
   // Serial reduction with split_k_slices = 1: the kernel needs no workspace.
   TORCH_INTERNAL_ASSERT(K::Device::get_workspace_size(args) == 0);
@@ -213,22 +224,12 @@ void run_conv2d(const Conv2dProblem& problem, cudaStream_t stream) {
   // R*S*C as one range and need only ceil(R*S*C/TileK): 7 instead of 49 tiles for the 7x7 stem
   // (the surplus tiles would only multiply zero filter taps, but cost the time of 42 more).
   params.gemm_k_iterations = cutlass::conv::implicit_gemm_k_iterations(
-      cutlass::conv::Operator::kFprop, ConfigShape<Config>::Threadblock::kK, size, K::kIteratorAlgorithm);
+      cutlass::conv::Operator::kFprop, ConfigShape<Config>::Threadblock::kK, args.problem_size, K::kIteratorAlgorithm);
   dim3 grid = typename K::Kernel::ThreadblockSwizzle().get_grid_shape(params.grid_tiled_shape);
   dim3 block(K::Kernel::kThreadCount, 1, 1);
   int smem_bytes = int(sizeof(typename K::Kernel::SharedStorage));
-
-  if (smem_bytes >= (48 << 10)) {
-    // Opting in to more than 48 KiB of shared memory is a per-device function attribute.
-    int device = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> configured;
-    TORCH_CHECK(device < int(configured.size()), "fused_resnet: device index ", device, " out of range");
-    std::call_once(configured[device], [smem_bytes] {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(cutlass::Kernel<typename K::Kernel>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    });
-  }
+  allow_dynamic_shared_memory<typename K::Kernel>(reinterpret_cast<const void*>(cutlass::Kernel<typename K::Kernel>),
+                                                  smem_bytes);
   cutlass::Kernel<typename K::Kernel><<<grid, block, smem_bytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -244,6 +245,21 @@ void run_conv2d_config(const Conv2dProblem& problem, int config, cudaStream_t st
       return run_conv2d<Element, 2>(problem, stream);
     case 3:
       return run_conv2d<Element, 3>(problem, stream);
+  }
+  TORCH_CHECK(false, "fused_resnet: conv config ", config, " is not a CUTLASS 2.x kernel [0, ", kNumSm80Conv2dConfigs, ")");
+}
+
+template <typename Element>
+bool can_implement_conv2d_config(const Conv2dProblem& problem, int config) {
+  switch (config) {
+    case 0:
+      return can_implement_conv2d<Element, 0>(problem);
+    case 1:
+      return can_implement_conv2d<Element, 1>(problem);
+    case 2:
+      return can_implement_conv2d<Element, 2>(problem);
+    case 3:
+      return can_implement_conv2d<Element, 3>(problem);
   }
   TORCH_CHECK(false, "fused_resnet: conv config ", config, " is not a CUTLASS 2.x kernel [0, ", kNumSm80Conv2dConfigs, ")");
 }

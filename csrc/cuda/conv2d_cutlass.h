@@ -63,9 +63,15 @@ inline constexpr int kOptimizedAlignment = 8;
 // The CUTLASS 2.x kernels come first in kConv2dConfigs, the Hopper ones (if built) after them.
 inline constexpr int kNumSm80Conv2dConfigs = 4;
 inline constexpr int kHopperChannelMultiple = 64;
+// The Hopper kernels' TMA im2col loads step through the input with the conv's stride as the
+// descriptor's element stride, which the hardware bounds by 8. Encoding a larger one fails, and
+// CUTLASS only asserts on that (compiled out under NDEBUG): the kernel would run on a garbage
+// descriptor. The rule that picks kernels (conv2d_kernel_choice.h) keeps such layers off them.
+inline constexpr int kHopperMaxStride = 8;
 
 // One convolution, every tensor dense, 16-byte aligned, of the kernel's element type.
-// c is the (possibly zero-padded) channel count of both x and the filter.
+// c is the (possibly zero-padded) channel count of both x and the filter. A problem with null
+// pointers describes a layer for can_implement.
 struct Conv2dProblem {
   int n, h, w, c;  // x: N x H x W x C
   int k, r, s;     // filter: K x R x S x C
@@ -82,16 +88,24 @@ struct Conv2dProblem {
 // "N=.. C=.. HxW=.. -> K=.. RxS=.. stride .. padding .. dilation .." for error messages.
 std::string describe(const Conv2dProblem& problem);
 
-// Run kConv2dConfigs[config] on `stream`. Errors (a config that cannot serve the problem, a
-// failed launch) are thrown as c10::Error naming the layer.
+// Run kConv2dConfigs[config] on `stream`. The caller has checked that the kernel serves the problem
+// (conv2d_kernel_choice.h); errors (a kernel CUTLASS refuses, a failed launch) are thrown as
+// c10::Error naming the layer and the cause.
 void conv2d_cutlass_fp16(const Conv2dProblem& problem, int config, cudaStream_t stream);
 void conv2d_cutlass_bf16(const Conv2dProblem& problem, int config, cudaStream_t stream);
 
+// Whether CUTLASS's own check, can_implement, accepts kConv2dConfigs[config] for the sizes of the
+// problem (its pointers are not read). Host code only: it needs no GPU.
+bool conv2d_cutlass_fp16_can_implement(const Conv2dProblem& problem, int config);
+bool conv2d_cutlass_bf16_can_implement(const Conv2dProblem& problem, int config);
+
 #ifdef FUSED_RESNET_WITH_SM90
-// Run the Hopper kernel kConv2dConfigs[config]; returns false, launching nothing, when the kernel
-// cannot serve the problem (TMA im2col limits on padding, corners and filter offsets).
-bool conv2d_cutlass_sm90_fp16(const Conv2dProblem& problem, int config, cudaStream_t stream);
-bool conv2d_cutlass_sm90_bf16(const Conv2dProblem& problem, int config, cudaStream_t stream);
+// The same for the Hopper kernels. A layer with a residual runs another kernel than one without, so
+// can_implement is told which.
+void conv2d_cutlass_sm90_fp16(const Conv2dProblem& problem, int config, cudaStream_t stream);
+void conv2d_cutlass_sm90_bf16(const Conv2dProblem& problem, int config, cudaStream_t stream);
+bool conv2d_cutlass_sm90_fp16_can_implement(const Conv2dProblem& problem, bool residual, int config);
+bool conv2d_cutlass_sm90_bf16_can_implement(const Conv2dProblem& problem, bool residual, int config);
 #endif
 
 }  // namespace fused_resnet

@@ -8,4 +8,8 @@ void conv2d_cutlass_bf16(const Conv2dProblem& problem, int config, cudaStream_t 
   run_conv2d_config<cutlass::bfloat16_t>(problem, config, stream);
 }
 
+bool conv2d_cutlass_bf16_can_implement(const Conv2dProblem& problem, int config) {
+  return can_implement_conv2d_config<cutlass::bfloat16_t>(problem, config);
+}
+
 }  // namespace fused_resnet

@@ -38,6 +38,7 @@
 #include "cutlass/epilogue/fusion/operations.hpp"
 
 #include "conv2d_cutlass.h"
+#include "shared_memory.cuh"
 
 namespace fused_resnet {
 namespace sm90 {
@@ -107,8 +108,9 @@ Stride output_stride(const Problem& problem) {
   return stride;
 }
 
+// The CUTLASS arguments for the problem (null pointers are fine for can_implement).
 template <typename Element, int TileM, int TileN, bool Residual>
-bool run(const Conv2dProblem& problem, int config, cudaStream_t stream) {
+typename HopperConv<Element, TileM, TileN, Residual>::Device::Arguments arguments(const Conv2dProblem& problem) {
   using K = HopperConv<Element, TileM, TileN, Residual>;
   using Kernel = typename K::Kernel;
   auto in = [](const void* p) { return static_cast<const Element*>(p); };
@@ -130,24 +132,44 @@ bool run(const Conv2dProblem& problem, int config, cudaStream_t stream) {
   epilogue.beta = Residual ? 1.f : 0.f;
   epilogue.bias_ptr = in(problem.bias);  // null: a bias of zeros
   epilogue.activation.enabled = problem.relu;
+  return args;
+}
 
-  if (K::Device::can_implement(args) != cutlass::Status::kSuccess) {
-    return false;
-  }
+template <typename Element, int TileM, int TileN, bool Residual>
+bool can_implement(const Conv2dProblem& problem) {
+  using K = HopperConv<Element, TileM, TileN, Residual>;
+  return K::Device::can_implement(arguments<Element, TileM, TileN, Residual>(problem)) == cutlass::Status::kSuccess;
+}
+
+template <typename Element, int TileM, int TileN, bool Residual>
+void run(const Conv2dProblem& problem, int config, cudaStream_t stream) {
+  using K = HopperConv<Element, TileM, TileN, Residual>;
+  using Kernel = typename K::Kernel;
+  const char* name = kConv2dConfigs[config].name;
+  const typename K::Device::Arguments args = arguments<Element, TileM, TileN, Residual>(problem);
+  TORCH_CHECK(K::Device::can_implement(args) == cutlass::Status::kSuccess, "fused_resnet: CUTLASS conv kernel ", name,
+              " cannot run the layer ", describe(problem));
+
   at::Tensor workspace;
   const size_t workspace_bytes = K::Device::get_workspace_size(args);
   if (workspace_bytes > 0) {
     workspace = at::empty({int64_t(workspace_bytes)}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
   }
-  typename K::Device conv;
-  cutlass::Status status = conv.initialize(args, workspace_bytes ? workspace.data_ptr() : nullptr, stream);
-  if (status == cutlass::Status::kSuccess) {
-    status = conv.run(stream);
-  }
+  void* workspace_ptr = workspace_bytes ? workspace.data_ptr() : nullptr;
+  const cutlass::Status status = Kernel::initialize_workspace(args, workspace_ptr, stream, nullptr);
+  TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet: CUTLASS conv kernel ", name,
+              " could not set up its workspace for the layer ", describe(problem), ": ",
+              cutlass::cutlassGetStatusString(status));
+  // Launched here rather than by ConvUniversalAdapter::run, which reads and clears the launch error
+  // and returns only "Error Internal": C10_CUDA_KERNEL_LAUNCH_CHECK reports the cause. The adapter
+  // launches a kernel with a 1x1x1 cluster the same way.
+  static_assert(cute::size(typename K::ClusterShape{}) == 1, "a cluster launch needs cudaLaunchKernelEx");
+  typename Kernel::Params params = Kernel::to_underlying_arguments(args, workspace_ptr);
+  const int smem_bytes = Kernel::SharedStorageSize;
+  allow_dynamic_shared_memory<Kernel>(reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>), smem_bytes);
+  cutlass::device_kernel<Kernel><<<K::Device::get_grid_shape(params), Kernel::get_block_shape(), smem_bytes, stream>>>(
+      params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet: CUTLASS conv kernel ", kConv2dConfigs[config].name,
-              " failed for the layer ", describe(problem), ": ", cutlass::cutlassGetStatusString(status));
-  return true;
 }
 
 constexpr bool hopper_entry_is(int index, int tile_m, int tile_n) {
@@ -156,32 +178,55 @@ constexpr bool hopper_entry_is(int index, int tile_m, int tile_n) {
 }
 static_assert(kNumConv2dConfigs == kNumSm80Conv2dConfigs + 3 && hopper_entry_is(0, 128, 128) &&
                   hopper_entry_is(1, 128, 64) && hopper_entry_is(2, 64, 128),
-              "run_config disagrees with the Hopper entries of kConv2dConfigs");
+              "with_tile_shape disagrees with the Hopper entries of kConv2dConfigs");
 
-template <typename Element, bool Residual>
-bool run_config(const Conv2dProblem& problem, int config, cudaStream_t stream) {
-  // The tile shapes of the Hopper entries of kConv2dConfigs, in table order (checked above).
+// The tile shapes of the Hopper entries of kConv2dConfigs, in table order (checked above), as
+// `action.template operator()<TileM, TileN>()`.
+template <typename Action>
+decltype(auto) with_tile_shape(int config, Action&& action) {
   switch (config - kNumSm80Conv2dConfigs) {
     case 0:
-      return run<Element, 128, 128, Residual>(problem, config, stream);
+      return action.template operator()<128, 128>();
     case 1:
-      return run<Element, 128, 64, Residual>(problem, config, stream);
+      return action.template operator()<128, 64>();
     case 2:
-      return run<Element, 64, 128, Residual>(problem, config, stream);
+      return action.template operator()<64, 128>();
   }
   TORCH_CHECK(false, "fused_resnet: conv config ", config, " is not a Hopper kernel");
+}
+
+template <typename Element>
+void run_config(const Conv2dProblem& problem, int config, cudaStream_t stream) {
+  with_tile_shape(config, [&]<int TileM, int TileN>() {
+    if (problem.residual) {
+      run<Element, TileM, TileN, true>(problem, config, stream);
+    } else {
+      run<Element, TileM, TileN, false>(problem, config, stream);
+    }
+  });
+}
+
+template <typename Element>
+bool can_implement_config(const Conv2dProblem& problem, bool residual, int config) {
+  return with_tile_shape(config, [&]<int TileM, int TileN>() {
+    return residual ? can_implement<Element, TileM, TileN, true>(problem)
+                    : can_implement<Element, TileM, TileN, false>(problem);
+  });
 }
 
 }  // namespace sm90
 }  // namespace fused_resnet
 
-// Defines conv2d_cutlass_sm90_<suffix>, declared in conv2d_cutlass.h, for one element type.
-#define FUSED_RESNET_DEFINE_SM90_CONV(suffix, Element)                                                    \
-  namespace fused_resnet {                                                                                \
-  bool conv2d_cutlass_sm90_##suffix(const Conv2dProblem& problem, int config, cudaStream_t stream) {    \
-    return problem.residual ? sm90::run_config<Element, true>(problem, config, stream)                  \
-                            : sm90::run_config<Element, false>(problem, config, stream);                \
-  }                                                                                                       \
+// Defines conv2d_cutlass_sm90_<suffix> and its can_implement, declared in conv2d_cutlass.h, for one
+// element type.
+#define FUSED_RESNET_DEFINE_SM90_CONV(suffix, Element)                                                       \
+  namespace fused_resnet {                                                                                   \
+  void conv2d_cutlass_sm90_##suffix(const Conv2dProblem& problem, int config, cudaStream_t stream) {       \
+    sm90::run_config<Element>(problem, config, stream);                                                     \
+  }                                                                                                          \
+  bool conv2d_cutlass_sm90_##suffix##_can_implement(const Conv2dProblem& problem, bool residual, int config) { \
+    return sm90::can_implement_config<Element>(problem, residual, config);                                  \
+  }                                                                                                          \
   }
 
 #endif  // FUSED_RESNET_WITH_SM90

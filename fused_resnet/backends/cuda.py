@@ -6,12 +6,21 @@ The extension registers the operators torch.ops.fused_resnet_C.* (schemas in csr
     conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, relu, config=-1)
     conv2d_bias_act_out(..., relu, config, out)                 CUTLASS implicit-GEMM conv, CUDA only
     conv2d_configs()                                            names of the conv kernels
+    conv2d_kernel(dtype, x_size, weight_size, stride, padding, dilation, residual, capability,
+                  sm_count, config=-1)                          which kernel serves a layer on a GPU, or why
+                                                                none; whether CUTLASS's can_implement accepts it
+    conv2d_layer_unsupported(dtype, in_channels, weight_size)   why no kernel serves a layer, for any batch
+    cuda_archs() / cuda_arch_unsupported(major, minor)          the archs it was built for; why it cannot run on one
 
 `config` picks a conv kernel by its index in conv2d_configs() (-1: a heuristic picks per layer).
+Which kernels serve a layer is the extension's rule alone (conv2d_kernel, csrc/cuda/conv2d_kernel_choice.h):
+this backend asks it rather than keeping a copy. The extension refuses a GPU it has no machine code
+for, and so does this backend (unavailable, with the rebuild command).
+
 This backend times the kernels that serve a layer the first time it meets it and keeps the fastest
 (fused_resnet.autotune: remembered on disk; FUSED_RESNET_AUTOTUNE=0 leaves the choice to the
 heuristic). This module also adds the fake (meta) implementations of those operators, so that
-torch.compile and torch.export can trace code that calls them.
+torch.compile and torch.export can trace code that calls them, and the derivatives of the functional ones.
 
 The extension is optional: without it (no CUDA toolkit at install time) the package still imports
 and this backend reports why it cannot run.
@@ -19,13 +28,13 @@ and this backend reports why it cannot run.
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fused_resnet import autotune
-from fused_resnet.validation import check_add_relu, check_conv, conv_output_size
+from fused_resnet import autotune, ops
+from fused_resnet.validation import check_add_relu, check_conv
 
 NAME = "cuda"
 
@@ -39,22 +48,8 @@ except ImportError as error:  # not built, or built against another torch
 
 # Names of the compiled conv kernels; empty when the extension was built without CUTLASS.
 CONV_CONFIGS: tuple[str, ...] = tuple(torch.ops.fused_resnet_C.conv2d_configs()) if _C is not None else ()
-
-# The kernels read and write 16 bytes (8 half-precision values) of output channels at a time, and
-# the activation iterators keep per-filter-tap masks in 32-bit words.
-_OUT_CHANNEL_MULTIPLE = 8
-_MAX_KERNEL_SIZE = 32
-# CUTLASS indexes each tensor with 32-bit offsets: every operand must stay below 2 GiB.
-_MAX_TENSOR_BYTES = 2**31
-# Which kernels serve a layer, by the family their name starts with (csrc/cuda/conv2d_cutlass.h):
-# "few_channels" ones inputs with at most 8 channels (kFewChannelsMaxC); "sm90" ones (TMA + wgmma,
-# built for sm_90a) compute capability 9.0 and a multiple of 64 input channels; "optimized" ones
-# any layer (the launcher pads channels to 8).
-_FEW_CHANNELS_PREFIX, _FEW_CHANNELS_MAX = "few_channels", 8
-_HOPPER_PREFIX, _HOPPER_CHANNEL_MULTIPLE = "sm90", 64
-# TMA's im2col mode encodes padding and filter offsets in narrow fields (under 128 for 2-D): a
-# conservative bound, so that a Hopper kernel is never measured on a layer it would refuse.
-_HOPPER_MAX_OFFSET = 127
+# The TORCH_CUDA_ARCH_LIST the extension was built with: the GPUs it has machine code for.
+BUILT_ARCHS: str = torch.ops.fused_resnet_C.cuda_archs() if _C is not None else ""
 # The name under which autotune stores "let the C++ heuristic pick" (config -1).
 _HEURISTIC = "heuristic"
 
@@ -67,44 +62,56 @@ def unavailable_reason(device: torch.device) -> str | None:
         )
     if device.type != "cuda":
         return "its kernels run on CUDA tensors only"
-    return None
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available"
+    return _arch_unsupported_reason(torch.cuda.get_device_capability(device))
 
 
-def kernel_unsupported_reason(x, weight, groups) -> str | None:
-    """Why the conv kernels cannot serve this layer, judged from what does not depend on the batch
-    size: what export (lower_to="cuda") can decide for a program with a dynamic batch."""
-    if not CONV_CONFIGS:
-        return "this build of fused_resnet._C has no conv kernels (the CUTLASS headers were missing at build time)"
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"its tensor-core conv kernels take float16 and bfloat16, not {x.dtype}"
-    if groups != 1:
-        return f"grouped convolution (groups={groups}) is not implemented in the CUTLASS conv kernels"
-    cout, cin, r, s = weight.shape
-    if cin == 0:
-        return "the input has no channels"
-    if cout % _OUT_CHANNEL_MULTIPLE:
-        return f"{cout} output channels: the kernels need a multiple of {_OUT_CHANNEL_MULTIPLE}"
-    if r > _MAX_KERNEL_SIZE or s > _MAX_KERNEL_SIZE:
-        return f"a {r}x{s} kernel: the kernels take at most {_MAX_KERNEL_SIZE}x{_MAX_KERNEL_SIZE}"
-    major, minor = torch.cuda.get_device_capability(x.device)
-    if major < 8:
-        return f"its tensor-core kernels need compute capability 8.0 or newer, {x.device} has {major}.{minor}"
-    return None
+@functools.cache
+def _arch_unsupported_reason(capability: tuple[int, int]) -> str | None:
+    return torch.ops.fused_resnet_C.cuda_arch_unsupported(*capability) or None
+
+
+def _gpu(device: torch.device) -> tuple[int, int, int]:
+    """(major, minor, SM count) of a CUDA device: what the kernel choice depends on."""
+    properties = torch.cuda.get_device_properties(device)
+    return properties.major, properties.minor, properties.multi_processor_count
+
+
+@functools.cache
+def _layer_unsupported_reason(dtype: torch.dtype, in_channels: int, weight_size: tuple[int, ...]) -> str | None:
+    return torch.ops.fused_resnet_C.conv2d_layer_unsupported(dtype, in_channels, weight_size) or None
+
+
+@functools.lru_cache(maxsize=4096)
+def _query(dtype, x_size, weight_size, stride, padding, dilation, residual, gpu, config) -> tuple[str, str, bool]:
+    return torch.ops.fused_resnet_C.conv2d_kernel(
+        dtype, x_size, weight_size, stride, padding, dilation, residual, gpu[:2], gpu[2], config
+    )
+
+
+def kernel_choice(x, weight, residual, stride, padding, dilation, config: int = -1) -> tuple[str, str, bool]:
+    """The extension's answer for this layer on x's GPU (fused_resnet_C::conv2d_kernel): the name of
+    the kernel `config` names (-1: the one its heuristic picks; "" if none), why it cannot serve the
+    layer ("" if it can), and whether CUTLASS's can_implement accepts it."""
+    return _query(
+        x.dtype, tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
+        residual is not None, _gpu(x.device), config,
+    )  # fmt: skip
+
+
+def kernel_unsupported_reason(x, weight) -> str | None:
+    """Why the conv kernels cannot serve this layer whatever the batch, spatial size and GPU (a grouped
+    conv shows in the shapes): what export (lower_to="cuda") and the fake kernels can decide for a
+    program with a dynamic batch."""
+    return _layer_unsupported_reason(x.dtype, int(x.shape[1]), tuple(weight.shape))
 
 
 def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
-    reason = kernel_unsupported_reason(x, weight, groups)
+    reason = kernel_unsupported_reason(x, weight)
     if reason is not None:
         return reason
-    cout, cin, r, s = weight.shape
-    n, _, h, w = x.shape
-    channels = -(-cin // 8) * 8  # the extension zero-pads input channels to a multiple of 4 or 8
-    oh = conv_output_size(h, r, stride[0], padding[0], dilation[0])
-    ow = conv_output_size(w, s, stride[1], padding[1], dilation[1])
-    largest = max(n * h * w * channels, cout * r * s * channels, n * cout * oh * ow) * x.element_size()
-    if largest >= _MAX_TENSOR_BYTES:
-        return f"an operand of {largest} bytes: the kernels index tensors with 32-bit offsets (below 2 GiB)"
-    return None
+    return kernel_choice(x, weight, residual, stride, padding, dilation)[1] or None
 
 
 # Channels-last (KRSC) copies of weights given in another layout, made once per weight version
@@ -129,25 +136,8 @@ def _launch(out, x, weight, bias, residual, stride, padding, dilation, relu, con
     torch.ops.fused_resnet_C.conv2d_bias_act_out(x, weight, bias, residual, stride, padding, dilation, relu, config, out)
 
 
-def _serves(name: str, x, weight, padding, dilation) -> bool:
-    channels = x.shape[1]
-    if name.startswith(_FEW_CHANNELS_PREFIX):
-        return channels <= _FEW_CHANNELS_MAX
-    if name.startswith(_HOPPER_PREFIX):
-        if os.environ.get("FUSED_RESNET_DISABLE_SM90") == "1":  # the extension reads it too
-            return False
-        capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
-        spans = [(size - 1) * d for size, d in zip(weight.shape[2:], dilation)]
-        return (
-            capability == (9, 0)
-            and channels % _HOPPER_CHANNEL_MULTIPLE == 0
-            and max(*padding, *spans) <= _HOPPER_MAX_OFFSET
-        )
-    return True
-
-
-def _serving_configs(x, weight, padding, dilation) -> list[int]:
-    return [i for i, name in enumerate(CONV_CONFIGS) if _serves(name, x, weight, padding, dilation)]
+def _serving_configs(x, weight, residual, stride, padding, dilation) -> list[int]:
+    return [i for i in range(len(CONV_CONFIGS)) if not kernel_choice(x, weight, residual, stride, padding, dilation, i)[1]]
 
 
 # The kernel measured fastest for each layer, by a cheap hashable key (one dict lookup per call).
@@ -162,10 +152,14 @@ def _choice_key(x, weight, bias, residual, stride, padding, dilation, relu) -> t
 
 
 def chosen_kernel(x, weight, bias, residual, stride, padding, dilation, relu) -> str | None:
-    """The name of the kernel measured fastest for this layer ("heuristic": the extension's size
-    rule), or None before the layer has run; for benchmark reports."""
+    """The name of the kernel measured fastest for this layer ("heuristic (<kernel>)" when the
+    extension's size rule picks it), or None before the layer has run; for benchmark reports."""
     config = _config_choice.get(_choice_key(x, weight, bias, residual, stride, padding, dilation, relu))
-    return None if config is None else (_HEURISTIC if config < 0 else CONV_CONFIGS[config])
+    if config is None:
+        return None
+    if config >= 0:
+        return CONV_CONFIGS[config]
+    return f"{_HEURISTIC} ({kernel_choice(x, weight, residual, stride, padding, dilation)[0]})"
 
 
 def _measured_config(out, x, weight, bias, residual, stride, padding, dilation, relu) -> int:
@@ -179,7 +173,8 @@ def _measured_config(out, x, weight, bias, residual, stride, padding, dilation, 
     def measure() -> int:
         # The heuristic comes first: it is what a CUDA graph capture gets for a layer never measured.
         candidates = {_HEURISTIC: run(-1)}
-        candidates.update((CONV_CONFIGS[i], run(i)) for i in _serving_configs(x, weight, padding, dilation))
+        serving = _serving_configs(x, weight, residual, stride, padding, dilation)
+        candidates.update((CONV_CONFIGS[i], run(i)) for i in serving)
         layer = autotune.layer_key("fused_resnet_C::conv2d_bias_act", (x, weight, bias, residual), stride, padding, dilation, relu)
         name = autotune.choose(x.device, layer, candidates)
         return -1 if name == _HEURISTIC else CONV_CONFIGS.index(name)
@@ -206,7 +201,8 @@ def add_relu(out, x, y) -> None:
 
 
 def _register_fakes() -> None:
-    """Fake implementations of the fused_resnet_C ops: output metadata only, no data."""
+    """Fake implementations of the fused_resnet_C ops: output metadata only, no data. The conv's
+    refuses what the CUDA kernel refuses for any batch, with the same RuntimeError."""
 
     @torch.library.register_fake("fused_resnet_C::add_relu")
     def _(x, y):
@@ -220,12 +216,44 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fused_resnet_C::conv2d_bias_act")
     def _(x, weight, bias, residual, stride, padding, dilation, relu, config=-1):
-        shape = check_conv(x, weight, bias, residual, stride, padding, dilation, 1)
+        shape = _check_conv_kernel(x, weight, bias, residual, stride, padding, dilation)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     @torch.library.register_fake("fused_resnet_C::conv2d_bias_act_out")
     def _(x, weight, bias, residual, stride, padding, dilation, relu, config, out):
-        _check_out(out, check_conv(x, weight, bias, residual, stride, padding, dilation, 1), x)
+        _check_out(out, _check_conv_kernel(x, weight, bias, residual, stride, padding, dilation), x)
+
+
+def _check_conv_kernel(x, weight, bias, residual, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """The output shape, after the checks of check_conv and those of the CUDA kernel that hold for any batch."""
+    op = "fused_resnet_C::conv2d_bias_act: "
+    if x.device.type != "cuda":
+        raise RuntimeError(f"{op}x must be a CUDA tensor, got one on {x.device}")
+    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, 1)
+    reason = kernel_unsupported_reason(x, weight)
+    if reason is not None:
+        raise RuntimeError(op + reason)
+    return shape
+
+
+def _register_autograd() -> None:
+    """Derivatives of the functional ops: those of the fused ops (fused_resnet.ops), which compute the
+    same functions. The out= forms have none (csrc/fused_resnet.cpp): backward through them raises."""
+
+    def conv_setup_context(ctx, inputs, output):
+        x, weight, bias, residual, stride, padding, dilation, relu, _config = inputs
+        ops._conv_setup_context(ctx, (x, weight, bias, residual, stride, padding, dilation, 1, relu, None), output)
+
+    def conv_backward(ctx, grad):
+        return ops._conv_backward(ctx, grad)[:4] + (None,) * 5  # nothing for stride .. config
+
+    def add_relu_backward(ctx, grad):
+        return ops._add_relu_backward(ctx, grad)[:2]
+
+    torch.library.register_autograd("fused_resnet_C::conv2d_bias_act", conv_backward, setup_context=conv_setup_context)
+    torch.library.register_autograd(
+        "fused_resnet_C::add_relu", add_relu_backward, setup_context=ops._add_relu_setup_context
+    )
 
 
 def _check_out(out, shape, x) -> None:
@@ -238,3 +266,4 @@ def _check_out(out, shape, x) -> None:
 
 if _C is not None:
     _register_fakes()
+    _register_autograd()
