@@ -11,7 +11,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/TensorIterator.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <string>
@@ -83,6 +85,17 @@ std::vector<std::string> conv2d_configs() {
   }
 #endif
   return names;
+}
+
+void out_form_without_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    for (const c10::IValue& value : torch::jit::last(*stack, op.schema().arguments().size())) {
+      TORCH_CHECK(!(value.isTensor() && value.toTensor().requires_grad()), op.schema().name(),
+                  ": the out= form has no derivative, but an argument requires grad; use the functional form");
+    }
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
 }
 
 constexpr const char* kNoConvKernels =
@@ -160,10 +173,11 @@ TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
 }
 
 // The functional ops get their derivatives in Python (fused_resnet/backends/cuda.py). The out=
-// forms have none: backward through their output raises, rather than passing gradients silently.
+// forms have none: like aten's out= ops they refuse arguments that require grad, rather than return
+// an output autograd would take for a constant.
 TORCH_LIBRARY_IMPL(fused_resnet_C, Autograd, m) {
-  m.impl("add_relu_out", torch::autograd::autogradNotImplementedFallback());
-  m.impl("conv2d_bias_act_out", torch::autograd::autogradNotImplementedFallback());
+  m.impl("add_relu_out", torch::CppFunction::makeFromBoxedFunction<&out_form_without_grad>());
+  m.impl("conv2d_bias_act_out", torch::CppFunction::makeFromBoxedFunction<&out_form_without_grad>());
 }
 
 }  // namespace fused_resnet

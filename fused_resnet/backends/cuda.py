@@ -225,15 +225,16 @@ def _register_fakes() -> None:
 
 
 def _check_conv_kernel(x, weight, bias, residual, stride, padding, dilation) -> tuple[int, int, int, int]:
-    """The output shape, after the checks of check_conv and those of the CUDA kernel that hold for any batch."""
+    """The output shape, after the checks of the CUDA kernel that hold for any batch (raising its
+    RuntimeError) and those of check_conv."""
     op = "fused_resnet_C::conv2d_bias_act: "
     if x.device.type != "cuda":
         raise RuntimeError(f"{op}x must be a CUDA tensor, got one on {x.device}")
-    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, 1)
-    reason = kernel_unsupported_reason(x, weight)
-    if reason is not None:
-        raise RuntimeError(op + reason)
-    return shape
+    if x.dim() == 4 and weight.dim() == 4:
+        reason = kernel_unsupported_reason(x, weight)
+        if reason is not None:
+            raise RuntimeError(op + reason)
+    return check_conv(x, weight, bias, residual, stride, padding, dilation, 1)
 
 
 def _register_autograd() -> None:
