@@ -42,6 +42,8 @@ try:
     from fused_resnet import _C  # noqa: F401  (loading it registers the fused_resnet_C ops)
 
     _LOAD_ERROR = None
+    if not hasattr(torch.ops.fused_resnet_C, "conv2d_kernel"):  # a library built from older sources
+        _C, _LOAD_ERROR = None, "it predates its sources (no fused_resnet_C::conv2d_kernel): rebuild it"
 except ImportError as error:  # not built, or built against another torch
     _C = None
     _LOAD_ERROR = error
