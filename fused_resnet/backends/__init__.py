@@ -128,6 +128,7 @@ def record_serving() -> Iterator[list[str]]:
 
 
 def note_serving(backend: ModuleType) -> ModuleType:
+    """Adds `backend` to every open record_serving() list, and returns it (for the op that calls it)."""
     for served in _records:
         served.append(backend.NAME)
     return backend
