@@ -1,6 +1,7 @@
 # Two commands do everything (and `make gpu` on a GPU machine):
 #   make run    set up, then fuse a random ResNet-50, check parity, time eager vs fused (GPU if there is one)
-#   make test   set up, then run the test suite (GPU tests are skipped without a GPU)
+#   make test   set up, then run the test suite (GPU tests are skipped without a GPU; the `slow`
+#               architectures are left out: `python -m pytest -m slow` runs them)
 PYTHON ?= python3
 # torch is installed only when missing, so a machine with its own CUDA build of torch keeps it.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
@@ -21,7 +22,7 @@ run: setup
 	$(PYTHON) -m fused_resnet
 
 test: setup-test
-	$(PYTHON) -m pytest -ra
+	$(PYTHON) -m pytest -ra -m "not slow"
 
 # On a machine with an NVIDIA GPU: build, run the GPU test group, then the benchmarks, which write
 # their results under benchmarks/results/. `gpu` takes the quick set (target: under 10 minutes on an H100);

@@ -26,6 +26,9 @@ TORCHVISION_RESNETS = (
 ARCHITECTURES = {name: (getattr(tvm, name), {}) for name in TORCHVISION_RESNETS}
 ARCHITECTURES["resnet50_dilated"] = (tvm.resnet50, {"replace_stride_with_dilation": [False, True, True]})
 ARCHITECTURES["resnet50_frozen_bn"] = (tvm.resnet50, {"norm_layer": FrozenBatchNorm2d})
+# One architecture per kind of block and conv (basic, bottleneck, grouped, dilated, frozen BN): the
+# others are deeper or wider copies of these, which the quick test sets leave to the `slow` marker.
+REPRESENTATIVE = ("resnet18", "resnet50", "resnext50_32x4d", "resnet50_dilated", "resnet50_frozen_bn")
 
 
 def build(name: str, generator: torch.Generator | None = None, randomize_bn: bool = True) -> nn.Module:

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import torch
@@ -6,9 +7,13 @@ import torch
 # read when triton is imported, so it is set here, before any test module imports it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A named backend that does not serve a case raises instead of handing it to the reference, here and
+# in the processes the tests start: a test that names a backend tests that backend.
+os.environ.setdefault("FUSED_RESNET_STRICT", "1")
 
 import pytest  # noqa: E402
 
+from fused_resnet import backends  # noqa: E402
 from fused_resnet.parity import randomize_bn_  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -21,6 +26,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fallback_allowed(monkeypatch):
+    """For the tests of the fallback itself: a named backend may hand a case to the reference, and
+    each reason warns again (once per test)."""
+    monkeypatch.setattr(backends, "STRICT", False)
+    monkeypatch.setattr(backends, "_warned", set())
+
+
+@pytest.fixture
+def served_by():
+    """`with served_by("triton"): ...` fails unless backend "triton" computed every fused op called
+    in the block, and at least one was called: a test that names a backend proves that it ran."""
+
+    @contextlib.contextmanager
+    def check(name: str):
+        with backends.record_serving() as served:
+            yield served
+        assert served, f"no fused op was computed in the block (expected backend {name!r})"
+        assert set(served) == {name}, f"expected backend {name!r} to compute every op, got {served}"
+
+    return check
 
 
 @pytest.fixture

@@ -18,12 +18,25 @@ def test_run_prints_parity_and_timings():
         assert row in result.stdout
 
 
+def _timing_row(lines, peer):
+    """(median ms, p20, p80, img/s, ratio vs eager) of a peer's row of the bench table."""
+    (row,) = [line for line in lines if line.startswith(peer)]
+    median, p20, p80, images_per_s, ratio = row[len(peer):].split()
+    assert ratio.endswith("x"), row
+    return float(median), float(p20), float(p80), float(images_per_s), float(ratio[:-1])
+
+
 def test_bench_times_the_named_peers():
-    result = _run("bench", "--arch", "resnet18", "--batch", "1", "--image-size", "32", "--iters", "2", "--device", "cpu", "--peers", "eager NCHW", "ours torch", "cudnn fused")
+    batch = 2
+    result = _run("bench", "--arch", "resnet18", "--batch", str(batch), "--image-size", "32", "--iters", "2", "--device", "cpu", "--peers", "eager NCHW", "ours torch", "cudnn fused")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert any(line.startswith("eager NCHW") and "1.00x" in line for line in lines)
-    assert any(line.startswith("ours torch") and "x" in line for line in lines)
+    eager, ours = _timing_row(lines, "eager NCHW"), _timing_row(lines, "ours torch")
+    for median, p20, p80, images_per_s, _ in (eager, ours):
+        assert 0 < p20 <= median <= p80
+        assert images_per_s == pytest.approx(batch / median * 1e3, rel=0.01, abs=0.1)
+    assert eager[4] == 1.0
+    assert ours[4] == pytest.approx(eager[0] / ours[0], rel=0.01, abs=0.01)  # the ratio is of the medians shown
     assert any(line.startswith("cudnn fused") and "skipped: cuDNN runs on CUDA tensors only" in line for line in lines)
 
 

@@ -10,7 +10,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, ResNet
 
 import fused_resnet as fr
-from fused_resnet.architectures import ARCHITECTURES, build
+from fused_resnet.architectures import ARCHITECTURES, REPRESENTATIVE, build
 from fused_resnet.parity import parity, randomize_bn_
 
 
@@ -20,7 +20,9 @@ def _parity_fp32(eager: nn.Module, fused: nn.Module, x: torch.Tensor):
         return parity(fused(x), eager(x), ref)
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize(
+    "arch", [arch if arch in REPRESENTATIVE else pytest.param(arch, marks=pytest.mark.slow) for arch in ARCHITECTURES]
+)
 def test_every_architecture_matches_eager(arch):
     model = build(arch, torch.Generator().manual_seed(1))
     fused = fr.fuse(model, backend="torch")

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import warnings
 
 import pytest
 import torch
@@ -453,13 +452,12 @@ def _assert_parity(out, x, weight, bias, residual, conv, relu):
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("epilogue", sorted(EPILOGUES))
 @pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_conv2d_bias_act_cuda(layer, epilogue, batch, dtype, monkeypatch):
+def test_conv2d_bias_act_cuda(layer, epilogue, batch, dtype, monkeypatch, served_by):
     has_bias, has_residual, relu = EPILOGUES[epilogue]
     x, weight, bias, residual, conv = _conv_inputs(layer, batch, dtype, has_bias, has_residual)
     assert cuda_backend.conv_unsupported_reason(x, weight, bias, residual, groups=1, **conv) is None
     monkeypatch.setattr(ops, "POISON_OUTPUTS", True)  # outputs start as NaN
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="fused_resnet: backend")  # a fallback would warn
+    with served_by("cuda"):
         out = ops.conv2d_bias_act(x, weight, bias, residual, relu=relu, backend="cuda", **conv)
     assert out.is_contiguous(memory_format=torch.channels_last)
     _assert_parity(out, x, weight, bias, residual, conv, relu)
@@ -511,7 +509,7 @@ def test_conv_config_out_of_range_is_an_error():
 @NEEDS_CONV
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "misaligned", "strided"])
 @pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
-def test_conv_input_layouts(layout, weight_layout):
+def test_conv_input_layouts(layout, weight_layout, served_by):
     x, weight, bias, residual, conv = _conv_inputs("3x3_s2_c128", 2, torch.float16)
     if layout == "nchw":
         x = x.contiguous()
@@ -524,19 +522,22 @@ def test_conv_input_layouts(layout, weight_layout):
         x = torch.cat([x, x], dim=3)[..., ::2]
     if weight_layout == "channels_last":
         weight = weight.contiguous(memory_format=torch.channels_last)
-    out = ops.conv2d_bias_act(x, weight, bias, residual, backend="cuda", **conv)
+    with served_by("cuda"):
+        out = ops.conv2d_bias_act(x, weight, bias, residual, backend="cuda", **conv)
     _assert_parity(out, x, weight, bias, residual, conv, relu=True)
 
 
 @pytest.mark.gpu
 @NEEDS_CONV
-def test_conv_sees_in_place_weight_updates():
+def test_conv_sees_in_place_weight_updates(served_by):
     x, weight, bias, residual, conv = _conv_inputs("3x3_s1_c64", 1, torch.float16, residual=False)
-    first = ops.conv2d_bias_act(x, weight, bias, backend="cuda", relu=False, **conv)
+    with served_by("cuda"):
+        first = ops.conv2d_bias_act(x, weight, bias, backend="cuda", relu=False, **conv)
     _assert_parity(first, x, weight, bias, None, conv, relu=False)
     with torch.no_grad():
         weight.mul_(-2)  # same tensor, new version: a cached KRSC copy must not be reused
-    second = ops.conv2d_bias_act(x, weight, bias, backend="cuda", relu=False, **conv)
+    with served_by("cuda"):
+        second = ops.conv2d_bias_act(x, weight, bias, backend="cuda", relu=False, **conv)
     _assert_parity(second, x, weight, bias, None, conv, relu=False)
 
 
@@ -550,14 +551,16 @@ def test_conv_sees_in_place_weight_updates():
         (torch.float16, 64, 4, "grouped convolution"),
     ],
 )
-def test_unsupported_conv_falls_back_with_a_warning(dtype, cout, groups, reason, monkeypatch):
-    monkeypatch.setattr(backends, "_warned", set())  # each reason warns once per process
+def test_unsupported_conv_falls_back_with_a_warning(dtype, cout, groups, reason, monkeypatch, fallback_allowed):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 accuracy is what is compared
     x = torch.randn(2, 32, 14, 14, device="cuda", dtype=dtype)
     weight = torch.randn(cout, 32 // groups, 3, 3, device="cuda", dtype=dtype) / 17
-    with pytest.warns(UserWarning, match=reason):
+    with pytest.warns(UserWarning, match=reason), backends.record_serving() as served:
         out = ops.conv2d_bias_act(x, weight, padding=1, groups=groups, backend="cuda")
-    ref = F.conv2d(x.double(), weight.double(), padding=1, groups=groups).relu()
-    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+    assert served == ["torch"]
+    eager = F.conv2d(x, weight, padding=1, groups=groups).relu()
+    result = parity(out, eager, F.conv2d(x.double(), weight.double(), padding=1, groups=groups).relu())
+    assert result.ok, str(result)
 
 
 @pytest.mark.gpu
@@ -598,12 +601,12 @@ def test_add_relu_cuda_flat(dtype, numel, offsets):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "strided"])
-def test_add_relu_cuda_layouts(dtype, layout):
+def test_add_relu_cuda_layouts(dtype, layout, served_by):
     x, y = _add_relu_inputs(dtype, (3, 24, 7, 9), layout, torch.Generator().manual_seed(1), device="cuda")
     torch.testing.assert_close(C_OPS.add_relu(x, y), Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(
-        ops.add_relu(x, y, backend="cuda"), Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True
-    )
+    with served_by("cuda"):
+        out = ops.add_relu(x, y, backend="cuda")
+    torch.testing.assert_close(out, Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True)
     out = torch.full((3, 24, 7, 18), float("nan"), dtype=dtype, device="cuda")[..., ::2]  # not dense
     C_OPS.add_relu_out(x, y, out)
     torch.testing.assert_close(out, Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True)

@@ -52,15 +52,22 @@ def test_fold_is_computed_in_float64_then_cast(dtype):
     assert torch.equal(weight, weight64.to(dtype)) and torch.equal(bias, bias64.to(dtype))
 
 
-def test_fold_extreme_variances_stay_finite():
+def test_fold_extreme_variances_match_a_float64_fold():
+    """1/sqrt(1e-30) = 1e15 times a weight below 1 fits float32, but not if it were computed there:
+    the fold must equal the formula of DESIGN.md evaluated in float64 and rounded once."""
     conv = nn.Conv2d(4, 4, 1)
-    bn = nn.BatchNorm2d(4, eps=0.0).eval()
+    bn = _bn("batchnorm", 4, 0.0)
     with torch.no_grad():
         bn.running_var.copy_(torch.tensor([1e-30, 1e-12, 1e30, 1.0]))
     weight, bias = fr.fold_bn(conv, bn)
-    assert torch.isfinite(bias).all()
-    # 1/sqrt(1e-30) = 1e15 times a weight below 1 fits float32; it must not have overflowed on the way.
-    assert torch.isfinite(weight).all()
+    scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    expected_weight = conv.weight.double() * scale[:, None, None, None]
+    expected_bias = bn.bias.double() + (conv.bias.double() - bn.running_mean.double()) * scale
+    assert weight.isfinite().all() and bias.isfinite().all()
+    # one rounding to float32 apart at most (the two float64 evaluations may order operations differently)
+    ulp = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(weight, expected_weight.float(), rtol=ulp, atol=0)
+    torch.testing.assert_close(bias, expected_bias.float(), rtol=ulp, atol=0)
 
 
 def test_fold_leaves_modules_untouched():

@@ -1,5 +1,10 @@
-"""The torch.library ops with the reference backend: numerics, layouts, autograd, opcheck, errors."""
+"""The torch.library ops with the reference backend: plumbing, layouts, autograd, opcheck, errors.
 
+The reference backend computes with eager PyTorch's own ops, so its numbers are PyTorch's: these
+tests check what our code does around them (arguments, epilogue, output layout), once per case.
+"""
+
+import itertools
 import warnings
 
 import pytest
@@ -59,9 +64,16 @@ def _make(case, dtype=torch.float32, layout="nchw", residual=True, bias=True, re
     return x, weight, b, r, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-@pytest.mark.parametrize("case", CONV_CASES)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
-@pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (True, False), (False, False)])
+# Each conv case once, with the layouts and the epilogues taking turns across them.
+LAYOUTS = ["nchw", "channels_last", "strided"]
+EPILOGUES = [(False, True), (True, True), (True, False), (False, False)]  # (residual, relu)
+PLUMBING_CASES = [
+    pytest.param(case, layout, residual, relu, id=f"{i}-{layout}-{'res' if residual else 'nores'}-{'relu' if relu else 'norelu'}")
+    for i, (case, layout, (residual, relu)) in enumerate(zip(CONV_CASES, itertools.cycle(LAYOUTS), itertools.cycle(EPILOGUES)))
+]
+
+
+@pytest.mark.parametrize("case, layout, residual, relu", PLUMBING_CASES)
 def test_conv2d_bias_act_reference_matches_float64(case, layout, residual, relu):
     x, weight, bias, res, kw = _make(case, layout=layout, residual=residual)
     out = ops.conv2d_bias_act(x, weight, bias, res, relu=relu, backend="torch", **kw)
@@ -146,6 +158,20 @@ def test_unknown_backend_is_rejected():
         fr.FusedConv2d(3, 4, 1, backend="nope")
 
 
+def test_strict_mode_refuses_the_fallback(monkeypatch):
+    """FUSED_RESNET_STRICT=1 (the test suite's setting) turns the fallback into an error naming the reason."""
+    monkeypatch.setattr(backends, "STRICT", True)
+    triton = backends.get("triton")
+    monkeypatch.setattr(triton, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(triton, "conv_unsupported_reason", lambda *args: "a made-up limitation")
+    monkeypatch.setattr(triton, "add_relu_unsupported_reason", lambda x, y: "another made-up limitation")
+    x, weight, bias, res, kw = _make(CONV_CASES[0])
+    with pytest.raises(RuntimeError, match="'triton' does not support this convolution .a made-up limitation.*STRICT"):
+        ops.conv2d_bias_act(x, weight, bias, res, backend="triton", **kw)
+    with pytest.raises(RuntimeError, match="'triton' does not support this add_relu .another made-up.*STRICT"):
+        ops.add_relu(x, x, backend="triton")
+
+
 def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
     cuda = backends.get("cuda")
     monkeypatch.setattr(cuda, "unavailable_reason", lambda device: "the extension is not built")
@@ -154,14 +180,15 @@ def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
         ops.conv2d_bias_act(x, weight, backend="cuda")
 
 
-def test_unsupported_case_falls_back_to_reference_with_one_warning(monkeypatch):
+def test_unsupported_case_falls_back_to_reference_with_one_warning(monkeypatch, fallback_allowed):
     triton = backends.get("triton")
     monkeypatch.setattr(triton, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(triton, "conv_unsupported_reason", lambda *args: "a made-up limitation")
-    monkeypatch.setattr(backends, "_warned", set())
     x, weight, bias, res, kw = _make(CONV_CASES[0])
     with pytest.warns(UserWarning, match="'triton' does not support.*a made-up limitation.*reference"):
-        out = ops.conv2d_bias_act(x, weight, bias, res, backend="triton", **kw)
+        with backends.record_serving() as served:
+            out = ops.conv2d_bias_act(x, weight, bias, res, backend="triton", **kw)
+    assert served == ["torch"]
     assert_close_fp32(out, Reference.conv2d_bias_act(x, weight, bias, res, relu=True, **kw))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet as fr
-from fused_resnet import backends
 from fused_resnet.backends import triton as triton_backend
 from fused_resnet.parity import FLOORS, Parity, parity, relative_error
 
@@ -133,10 +132,9 @@ CASES = [
 
 def run_backend(args, out_shape, dtype):
     """Calls the backend directly on an output filled with NaN, so that any element it leaves
-    unwritten fails the test (the inputs are finite)."""
+    unwritten fails the test (the inputs are finite). Every case here is one the backend must serve."""
     reason = triton_backend.conv_unsupported_reason(*args[:8])
-    if reason is not None:
-        pytest.skip(reason)
+    assert reason is None, f"the Triton backend refuses a case it must serve: {reason}"
     out = torch.full(out_shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
     triton_backend.conv2d_bias_act(out, *args)
     assert not out.isnan().any(), "the kernel left elements of out unwritten"
@@ -174,28 +172,23 @@ def test_conv_fp32_with_tf32_allowed_keeps_fp32_accuracy(monkeypatch):
     assert relative_error(out, conv_bias_act(*args, dtype=torch.float64)) < 1e-5
 
 
-def test_conv_through_op(monkeypatch):
+def test_conv_through_op(monkeypatch, served_by):
     """End to end through fr.ops with backend="triton": the reference must not be used."""
-
-    def refuse(*args):
-        raise AssertionError("the op fell back to the reference backend")
-
     monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(backends.get("torch"), "conv2d_bias_act", refuse)
     args, _ = make_conv(BASIC_3X3, torch.float16, torch.Generator().manual_seed(3))
     x, weight, bias, residual, stride, padding, dilation, groups, relu = args
-    out = fr.ops.conv2d_bias_act(x, weight, bias, residual, stride=stride, padding=padding, dilation=dilation,
-                                 groups=groups, relu=relu, backend="triton")
+    with served_by("triton"):
+        out = fr.ops.conv2d_bias_act(x, weight, bias, residual, stride=stride, padding=padding, dilation=dilation,
+                                     groups=groups, relu=relu, backend="triton")
     assert out.is_contiguous(memory_format=torch.channels_last)
     check_parity(out, *args)
 
 
-def test_conv_float64_falls_back_to_reference(monkeypatch):
-    monkeypatch.setattr(backends, "_warned", set())
+def test_conv_float64_falls_back_to_reference(fallback_allowed, served_by):
     args, _ = make_conv(BASIC_3X3, torch.float64, torch.Generator().manual_seed(4))
     assert "float64" in triton_backend.conv_unsupported_reason(*args[:8])
     x, weight, bias, residual, stride, padding, dilation, groups, relu = args
-    with pytest.warns(UserWarning, match="float64"):
+    with pytest.warns(UserWarning, match="float64"), served_by("torch"):
         out = fr.ops.conv2d_bias_act(x, weight, bias, residual, stride=stride, padding=padding, dilation=dilation,
                                      groups=groups, relu=relu, backend="triton")
     torch.testing.assert_close(out, conv_bias_act(*args, dtype=torch.float64))
@@ -230,23 +223,25 @@ LIBRARY_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[9]]
 
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
 @pytest.mark.parametrize("conv_case", LIBRARY_CASES)
-def test_triton_library_op_parity(conv_case, dtype, monkeypatch):
+def test_triton_library_op_parity(conv_case, dtype, monkeypatch, served_by):
     """fused_resnet_triton::conv2d_bias_act, the op export lowers to (lower_to="triton")."""
     from fused_resnet.backends.triton import library  # noqa: F401  (registers the op)
 
     monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
     args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(9))
-    out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
+    with served_by("triton"):
+        out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
     assert out.shape == out_shape and out.is_contiguous(memory_format=torch.channels_last)
     assert not out.isnan().any(), "the kernel left elements of out unwritten"
     check_parity(out, *args)
 
 
-def test_triton_library_op_computes_unsupported_cases_with_aten():
+def test_triton_library_op_computes_unsupported_cases_with_aten(fallback_allowed, served_by):
     from fused_resnet.backends.triton import library  # noqa: F401
 
     args, _ = make_conv(BASIC_3X3, torch.float64, torch.Generator().manual_seed(10))
-    out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
+    with pytest.warns(UserWarning, match="'triton' does not support this convolution.*float64"), served_by("torch"):
+        out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, conv_bias_act(*args, dtype=torch.float64))
 
@@ -319,23 +314,19 @@ def test_add_relu_parity(shape, memory_format, dtype):
     assert result.ok, str(result)
 
 
-def test_add_relu_through_op(monkeypatch):
-    def refuse(*args):
-        raise AssertionError("the op fell back to the reference backend")
-
+def test_add_relu_through_op(monkeypatch, served_by):
     monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(backends.get("torch"), "add_relu", refuse)
     generator = torch.Generator().manual_seed(7)
     x, y = (torch.randn(2, 6, 5, 5, generator=generator).to(DEVICE).contiguous(memory_format=torch.channels_last)
             for _ in range(2))
-    out = fr.ops.add_relu(x, y, backend="triton")
+    with served_by("triton"):
+        out = fr.ops.add_relu(x, y, backend="triton")
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, (x + y).relu(), rtol=0, atol=0)
     torch.library.opcheck(torch.ops.fused_resnet.add_relu.default, (x, y, "triton"))
 
 
-def test_add_relu_mixed_layouts_fall_back(monkeypatch):
-    monkeypatch.setattr(backends, "_warned", set())
+def test_add_relu_mixed_layouts_fall_back(fallback_allowed):
     x = torch.randn(2, 6, 5, 5, device=DEVICE)
     y = x.contiguous(memory_format=torch.channels_last) * 2
     assert triton_backend.add_relu_unsupported_reason(x, y) is not None

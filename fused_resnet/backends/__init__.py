@@ -9,7 +9,7 @@ Every backend module exposes the same five names, so the op layer can treat them
         is an error.
     conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None
         None when this backend computes that case; otherwise why not. An unsupported but valid
-        case falls back to the reference backend with a one-time warning.
+        case falls back to the reference backend with a one-time warning (an error under STRICT).
     conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor | None
         Writes act(conv2d(x, weight) + bias + residual) into `out`, a preallocated channels_last
         tensor of shape (N, Cout, OH, OW) and x's dtype. `x`, `residual` may have any strides;
@@ -24,10 +24,12 @@ Every backend module exposes the same five names, so the op layer can treat them
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -35,6 +37,11 @@ import torch
 from .. import autotune
 
 NAMES = ("cuda", "triton", "cudnn", "torch")
+
+# With STRICT, a named backend that does not serve a case raises instead of falling back to the
+# reference: the test suite sets FUSED_RESNET_STRICT=1, so that a test of a backend cannot pass on
+# the reference's numbers.
+STRICT = os.environ.get("FUSED_RESNET_STRICT", "0") == "1"
 
 
 def auto_order(device: torch.device) -> tuple[str, ...]:
@@ -92,7 +99,39 @@ def _warn_once(key: tuple[str, str], message: str) -> None:
         if key in _warned:  # another thread warned first
             return
         _warned.add(key)
-    warnings.warn(message, stacklevel=4)
+    warnings.warn(message, stacklevel=5)
+
+
+def fall_back(name: str, what: str, reason: str) -> None:
+    """Backend `name` does not serve this `what` for `reason`, and the reference computes it instead:
+    one warning per reason, or an error under STRICT."""
+    message = f"fused_resnet: backend {name!r} does not support this {what} ({reason})"
+    if STRICT:
+        raise RuntimeError(f"{message}, and FUSED_RESNET_STRICT=1 forbids falling back to the reference")
+    _warn_once((name, reason), f"{message}; computing it with the reference 'torch' backend instead")
+
+
+# The lists of the open record_serving() blocks.
+_records: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def record_serving() -> Iterator[list[str]]:
+    """Collects, in call order, the NAME of the backend that computed each fused op called inside the
+    block ("torch" where a named backend fell back), so that a test can prove which backend served."""
+    served: list[str] = []
+    _records.append(served)
+    try:
+        yield served
+    finally:
+        _records.remove(served)
+
+
+def note_serving(backend: ModuleType) -> ModuleType:
+    """Adds `backend` to every open record_serving() list, and returns it (for the op that calls it)."""
+    for served in _records:
+        served.append(backend.NAME)
+    return backend
 
 
 def _select(name: str, device: torch.device, what: str, reason_of, tune=None) -> ModuleType:
@@ -101,7 +140,7 @@ def _select(name: str, device: torch.device, what: str, reason_of, tune=None) ->
     `reason_of(backend)` says why a backend cannot serve the case (None if it can). For "auto", the
     backends that serve it are candidates; on a GPU `tune(candidates)` picks one by measurement.
     An explicitly named backend that cannot run on the device at all is an error; one that can run
-    but does not serve this case falls back to the reference backend, with one warning per reason.
+    but does not serve this case falls back to the reference backend (see fall_back).
     """
     reference = get("torch")
     if name == "auto":
@@ -120,11 +159,7 @@ def _select(name: str, device: torch.device, what: str, reason_of, tune=None) ->
     reason = reason_of(backend)
     if reason is None:
         return backend
-    _warn_once(
-        (name, reason),
-        f"fused_resnet: backend {name!r} does not support this {what} ({reason}); "
-        "computing it with the reference 'torch' backend instead",
-    )
+    fall_back(name, what, reason)
     return reference
 
 
@@ -148,7 +183,7 @@ def select_conv(name, x, weight, bias, residual, stride, padding, dilation, grou
         return b.conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
 
     if name != "auto" or x.device.type != "cuda" or out is None:
-        return _select(name, x.device, "convolution", reason_of)
+        return note_serving(_select(name, x.device, "convolution", reason_of))
     key = (
         "conv2d_bias_act", x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(),
         bias is not None, None if residual is None else residual.stride(),
@@ -157,10 +192,10 @@ def select_conv(name, x, weight, bias, residual, stride, padding, dilation, grou
     def run(b):
         return b.conv2d_bias_act(torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
-    return autotune.remember(
+    return note_serving(autotune.remember(
         _auto_choice, key, x.device, lambda: _select(name, x.device, "convolution", reason_of, _measure(key, run))
-    )
+    ))
 
 
 def select_add_relu(name, x, y) -> ModuleType:
-    return _select(name, x.device, "add_relu", lambda b: b.add_relu_unsupported_reason(x, y))
+    return note_serving(_select(name, x.device, "add_relu", lambda b: b.add_relu_unsupported_reason(x, y)))

@@ -12,7 +12,8 @@ fused_resnet installed.
 
 They compute what the fused ops compute, with the Triton backend, and take already validated
 arguments: export_program routes the fused ops to them (fused_resnet.export). A case the kernel does
-not serve is computed with aten ops inside the op, so that it lowers too.
+not serve is computed with aten ops inside the op, so that it lowers too, and warns like every other
+fallback (fused_resnet.backends.fall_back).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import ops
+from ... import backends, ops
 from ...validation import check_conv
 from .. import reference
-from . import add_relu_kernel, conv
+from . import NAME, add_relu_kernel, conv
 
 
 def _poisoned(out: Tensor) -> Tensor:
@@ -46,9 +47,13 @@ def conv2d_bias_act(
     relu: bool,
 ) -> Tensor:
     shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
-    if conv.unsupported_reason(x, weight, stride, padding, dilation, groups) is not None:
+    reason = conv.unsupported_reason(x, weight, stride, padding, dilation, groups)
+    if reason is not None:
+        backends.fall_back(NAME, "convolution", reason)
+        backends.note_serving(reference)
         y = reference.conv2d_bias_act(None, x, weight, bias, residual, stride, padding, dilation, groups, relu)
         return y.contiguous(memory_format=torch.channels_last)
+    backends.note_serving(backends.get(NAME))
     out = _poisoned(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last))
     if out.numel():
         # No cached weight copy here (gemm_weight keys on data pointers, which tracing has not):
@@ -62,8 +67,12 @@ def conv2d_bias_act(
 @torch.library.triton_op("fused_resnet_triton::add_relu", mutates_args=())
 def add_relu(x: Tensor, y: Tensor) -> Tensor:
     out = _poisoned(torch.empty_like(x))
-    if add_relu_kernel.unsupported_reason(x, y) is not None:
+    reason = add_relu_kernel.unsupported_reason(x, y)
+    if reason is not None:
+        backends.fall_back(NAME, "add_relu", reason)
+        backends.note_serving(reference)
         return out.copy_(torch.relu(x + y))
+    backends.note_serving(backends.get(NAME))
     if out.numel():
         add_relu_kernel.add_relu(out, x, y, traceable=True)
     return out
