@@ -119,7 +119,7 @@ def _extension_status() -> str:
         return "CUDA extension: built without the conv kernels (no CUTLASS headers when built)"
     hopper = sum(name.startswith("sm90") for name in cuda.CONV_CONFIGS)
     return (
-        f"CUDA extension: built, {len(cuda.CONV_CONFIGS) - hopper} CUTLASS 2.x conv kernels (sm_80 and newer)"
+        f"CUDA extension: built, {len(cuda.CONV_CONFIGS) - hopper} CUTLASS 2.x conv kernels"
         + (f" and {hopper} Hopper ones (sm_90a)" if hopper else "")
     )
 
