@@ -1,15 +1,24 @@
-"""The set-up's decision to rebuild (tools/setup_stamp.py): reuse when nothing the build depends on
-changed, rebuild when a source, torch, the arch list or the installed extension did."""
+"""The set-up's decisions: rebuild (tools/setup_stamp.py) only when a source, torch, the arch list or
+the installed extension changed; run pip for requirements (tools/missing_requirements.py) only when
+one is missing."""
 
+import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("setup_stamp", Path(__file__).parent.parent / "tools" / "setup_stamp.py")
-setup_stamp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(setup_stamp)
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+setup_stamp = _tool("setup_stamp")
+missing_requirements = _tool("missing_requirements")
 
 SUMMARY = "CUDA extension: built for sm_80, sm_90a, CUTLASS 4.2.0"
 
@@ -117,3 +126,10 @@ def test_a_failed_build_leaves_no_extension_and_no_stamp(tree, monkeypatch, caps
     assert not stale.exists() and not (tree / setup_stamp.STAMP).exists()
     err = capsys.readouterr().err
     assert "error: nvcc failed" in err and "pip install failed (exit code 1)" in err
+
+
+def test_missing_requirements_are_the_absent_ones_and_other_versions():
+    installed = importlib.metadata.version("pytest")
+    assert missing_requirements.missing(["pytest", f"pytest=={installed}"]) == []
+    absent = ["pytest==0.0.1", "no-such-distribution-anywhere"]
+    assert missing_requirements.missing(absent) == absent
