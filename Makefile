@@ -10,13 +10,20 @@ TEST_DEPS = pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript
 
 .PHONY: setup setup-test run test gpu gpu-full gpu-tests
 
+PIP_INSTALL = $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
+# Succeeds when all the requirements named are installed; pip runs only when one is not.
+INSTALLED = $(PYTHON) tools/missing_requirements.py
+
+# tools/setup_stamp.py runs `pip install -e .` (which compiles the CUDA extension) only when the
+# sources, torch, the arch list or the toolchain changed since the last install; then ninja recompiles
+# only what changed. It prints one line: what the extension is built for, or why it is not.
 setup:
-	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PINS)
-	$(PYTHON) -m pip install $(BUILD_DEPS)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) -m pip install --no-build-isolation -e .
+	@$(INSTALLED) torch torchvision || $(PIP_INSTALL) $(TORCH_PINS)
+	@$(INSTALLED) $(BUILD_DEPS) || $(PIP_INSTALL) $(BUILD_DEPS)
+	@MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) tools/setup_stamp.py
 
 setup-test: setup
-	$(PYTHON) -m pip install $(TEST_DEPS)
+	@$(INSTALLED) $(TEST_DEPS) || $(PIP_INSTALL) $(TEST_DEPS)
 
 run: setup
 	$(PYTHON) -m fused_resnet

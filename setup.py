@@ -6,11 +6,13 @@ TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0a"). Hopper's 
 instructions (wgmma) and TMA need arch-specific sm_90a machine code: a "9.0" in the list is built as
 "9.0a" (a cubin for the same devices), and the Hopper conv kernels are built whenever 9.0a is in it.
 Without nvcc the pure-Python package is installed, and backend="cuda" explains that the extension
-was not built.
+was not built. Either way one line starting "CUDA extension: " says what is built, or why nothing is
+(tools/setup_stamp.py, which `make` runs, shows it).
 """
 
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -31,6 +33,18 @@ def _cutlass_include_dirs():
     if not os.path.isfile(os.path.join(include, "cutlass", "cutlass.h")):
         return None
     return [include, util] if os.path.isdir(util) else [include]
+
+
+def _cutlass_version(include_dir: str) -> str:
+    """The CUTLASS version of the headers, as cutlass/version.h states it."""
+    with open(os.path.join(include_dir, "cutlass", "version.h")) as header:
+        text = header.read()
+    return ".".join(re.search(rf"#define CUTLASS_{part}\s+(\d+)", text).group(1) for part in ("MAJOR", "MINOR", "PATCH"))
+
+
+def _sm_names(arch_list: str) -> str:
+    """"8.0;9.0a" as "sm_80, sm_90a"."""
+    return ", ".join("sm_" + arch.replace(".", "") for arch in arch_list.split(";"))
 
 
 def _arch_list_with_sm90a(arch_list: str) -> str:
@@ -63,7 +77,25 @@ except ImportError:  # torch must be installed first; the build needs its header
     torch = None
     CUDA_HOME = None
 
-if torch is not None and CUDA_HOME is not None and os.environ.get("FUSED_RESNET_SKIP_CUDA_BUILD") != "1":
+if torch is None:
+    not_built = "torch is not installed (the build needs its headers)"
+elif os.environ.get("FUSED_RESNET_SKIP_CUDA_BUILD") == "1":
+    not_built = "FUSED_RESNET_SKIP_CUDA_BUILD=1"
+elif CUDA_HOME is None:
+    not_built = "no nvcc found (no CUDA toolkit); backend='cuda' will say so"
+else:
+    not_built = None
+
+if not_built is None:
+
+    class _BuildInTree(BuildExtension):
+        """Compiles into build/ext in the source tree instead of pip's temporary directory: ninja keeps
+        its objects and their header dependencies there, and recompiles only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "ext")
+
     arch_list = _arch_list_with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a"))
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cuda/*.cu"))
@@ -72,8 +104,9 @@ if torch is not None and CUDA_HOME is not None and os.environ.get("FUSED_RESNET_
     cutlass_includes = _cutlass_include_dirs()
     if cutlass_includes is None:
         sources = [s for s in sources if not os.path.basename(s).startswith("conv2d_")]
-        print("fused_resnet: CUTLASS headers not found (pip install nvidia-cutlass); building without the conv kernels")
+        built = "without the conv kernels: no CUTLASS headers (pip install nvidia-cutlass)"
     else:
+        built = f"CUTLASS {_cutlass_version(cutlass_includes[0])}"
         include_dirs.extend(cutlass_includes)
         defines.append("-DFUSED_RESNET_WITH_CUTLASS")
         if "9.0a" in arch_list.split(";") and len(cutlass_includes) == 2:
@@ -82,6 +115,7 @@ if torch is not None and CUDA_HOME is not None and os.environ.get("FUSED_RESNET_
         CUDAExtension(
             name="fused_resnet._C",
             sources=sources,
+            depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)),
             include_dirs=include_dirs,
             extra_compile_args={
                 # The archs it has machine code for, so that it can refuse a GPU it has none for
@@ -92,9 +126,10 @@ if torch is not None and CUDA_HOME is not None and os.environ.get("FUSED_RESNET_
             py_limited_api=False,
         )
     )
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    cmdclass["build_ext"] = _BuildInTree.with_options(use_ninja=True)
+    print(f"CUDA extension: built for {_sm_names(arch_list)}, {built}")
 else:
-    print("fused_resnet: no CUDA toolkit (nvcc) found; installing without the CUDA C++ extension")
+    print(f"CUDA extension: not built: {not_built}")
 
 setup(
     name="fused_resnet",

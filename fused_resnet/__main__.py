@@ -1,4 +1,6 @@
-"""Command line.
+"""Fuses the conv + BatchNorm + ReLU (and residual add + ReLU) of torchvision ResNets into one kernel
+per convolution, checks the fused model against float64 eager, times it against eager PyTorch and
+torch.compile, and exports it.
 
     python -m fused_resnet                 fuse a random resnet50, check parity, time eager vs fused
     python -m fused_resnet run  [options]  the same, with options
@@ -16,7 +18,6 @@ import importlib.util
 import os
 import pickle
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,31 +27,112 @@ import fused_resnet as fr
 
 from . import backends, peers
 from .architectures import ARCHITECTURES, build
-from .export import ONNX_DTYPES, export_program
+from .export import ONNX_DTYPES, export_program, save_program
 from .parity import parity, relative_error, top1_agreement
 from .timing import quantiles, time_ms
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Fewer timed repetitions than this make p20 and p80 two of a handful of samples.
+MIN_ITERS = 10
+# A p20-p80 spread wider than this fraction of the median gets a warning under the timings.
+WIDE_SPREAD = 0.10
+
+EXIT_CODES = """exit codes:
+  0  success (the parity checks, if any, passed)
+  1  parity failure: the fused model (or the re-loaded export) does not match float64 eager
+  2  usage error, reported in one line before any computing: an unknown architecture, a device
+     that is not there (--device cuda without a GPU), a backend that cannot run on the device or
+     in the dtype, a bad option value or weights file
+"""
 
 
 class UsageError(Exception):
-    """Something the user asked for that cannot be done: reported like an argparse error (exit code 2)."""
+    """Something the user asked for that cannot be done: one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error in one line (argparse would print the whole usage before it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _device(name: str) -> torch.device:
+    """The device called `name`, checked to be there ("auto": a GPU if there is one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: fused_resnet runs on cpu and cuda devices")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available (torch.cuda.is_available() is False); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+# The layer asked of a backend to learn whether it computes a dtype: a plain 3x3 conv of 64 channels,
+# which every ResNet is mostly made of.
+_PROBE_CHANNELS, _PROBE_SIZE = 64, 8
+
+
+def _check_backend(name: str, device: torch.device, dtype_name: str) -> None:
+    """A usage error if backend `name` cannot run on `device`, or would leave its layers in
+    `dtype_name` to the reference backend."""
+    if name == "auto":
+        return
+    backend = backends.get(name)
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        raise UsageError(f"--backend {name} cannot run on {device.type}: {reason}")
+    dtype = DTYPES[dtype_name]
+    x = torch.empty(1, _PROBE_CHANNELS, _PROBE_SIZE, _PROBE_SIZE, dtype=dtype, device=device)
+    weight = torch.empty(_PROBE_CHANNELS, _PROBE_CHANNELS, 3, 3, dtype=dtype, device=device)
+    reason = backend.conv_unsupported_reason(x, weight, None, None, (1, 1), (1, 1), (1, 1), 1)
+    if reason is not None:
+        raise UsageError(f"--backend {name} does not compute {dtype_name} convolutions: {reason}")
 
 
 def _defaults(args) -> None:
-    """Fills the options left unset with what suits the device: a GPU gets fp16 and a real batch."""
+    """Fills the options left unset with what suits the device (a GPU gets fp16 and a real batch),
+    then checks that the device and backend can do what was asked, before anything is computed."""
     args.device = _device(args.device)
     on_gpu = args.device.type == "cuda"
     if args.dtype is None:
         args.dtype = "float16" if on_gpu else "float32"
     if args.batch is None:
         args.batch = 64 if on_gpu else 4
+    _check_backend(args.backend, args.device, args.dtype)
+
+
+def _extension_status() -> str:
+    """Whether the CUDA C++ extension was built, with which kernels, or why it is not there."""
+    cuda = backends.get("cuda")
+    if cuda._C is None:
+        if importlib.util.find_spec("fused_resnet._C") is None:
+            return "CUDA extension: not built (no CUDA toolkit when installed, or not installed: make setup)"
+        return f"CUDA extension: built but does not load: {cuda._LOAD_ERROR}"
+    if not cuda.CONV_CONFIGS:
+        return "CUDA extension: built without the conv kernels (no CUTLASS headers when built)"
+    hopper = sum(name.startswith("sm90") for name in cuda.CONV_CONFIGS)
+    return (
+        f"CUDA extension: built, {len(cuda.CONV_CONFIGS) - hopper} CUTLASS 2.x conv kernels"
+        + (f" and {hopper} Hopper ones (sm_90a)" if hopper else "")
+    )
+
+
+def _print_header(args, subject: str) -> None:
+    """What run, bench and verify print first: versions, device, backends, extension, settings."""
+    print(
+        f"fused_resnet {fr.__version__} | torch {torch.__version__} | device {args.device}"
+        + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.type == "cuda" else "")
+        + f" | backends available: {', '.join(backends.available(args.device))}"
+    )
+    print(_extension_status())
+    print(f"{subject}, batch {args.batch}, {args.image_size}x{args.image_size}, {args.dtype}, backend {args.backend!r}", flush=True)
 
 
 @torch.no_grad()
@@ -69,14 +151,8 @@ def check_parity(arch: str, args, generator: torch.Generator) -> tuple[object, f
 
 def run(args) -> int:
     _defaults(args)
-    dtype = DTYPES[args.dtype]
     generator = torch.Generator().manual_seed(args.seed)
-    print(
-        f"fused_resnet {fr.__version__} | torch {torch.__version__} | device {args.device}"
-        + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.type == "cuda" else "")
-        + f" | backends available: {', '.join(backends.available(args.device))}"
-    )
-    print(f"{args.arch}, batch {args.batch}, {args.image_size}x{args.image_size}, {args.dtype}, backend {args.backend!r}")
+    _print_header(args, args.arch)
 
     result, agreement = check_parity(args.arch, args, generator)
     print(f"parity vs float64 eager: {result}; top-1 agreement with fp32 eager: {agreement:.1%}")
@@ -92,7 +168,7 @@ def time_peers(args, generator: torch.Generator) -> None:
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=generator).to(args.device, dtype)
     names = args.peers or list(dict.fromkeys([*peers.EAGER, "cudnn fused", peers.of_backend(args.backend), "ours auto + CUDA graph"]))
     print(f"{'':30s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'img/s':>9s} {'vs eager':>8s}")
-    baseline = None
+    baseline, noisy = None, []
     for name in names:
         reason = peers.unavailable_reason(name, args.device)
         if reason is not None:
@@ -102,24 +178,33 @@ def time_peers(args, generator: torch.Generator) -> None:
         p20, median, p80 = quantiles(time_ms(lambda: run_peer(x), args.device, iters=args.iters))
         baseline = baseline or median
         print(f"{name:30s} {median:10.2f} {p20:8.2f} {p80:8.2f} {args.batch / median * 1e3:9.1f} {baseline / median:7.2f}x", flush=True)
+        if p80 - p20 > WIDE_SPREAD * median:
+            noisy.append(f"{name} {(p80 - p20) / median:.0%}")
+    if noisy:
+        print(
+            f"warning: p20-p80 spread over {WIDE_SPREAD:.0%} of the median ({', '.join(noisy)}): the machine was busy, "
+            "and ratios within the spread are noise; rerun with more --iters on an idle machine"
+        )
 
 
 def bench(args) -> int:
     _defaults(args)
-    print(f"{args.arch}, batch {args.batch}, {args.image_size}x{args.image_size}, {args.dtype}, on {args.device}")
+    _print_header(args, args.arch)
     time_peers(args, torch.Generator().manual_seed(args.seed))
     return 0
 
 
 def verify(args) -> int:
     _defaults(args)
+    archs = args.archs or list(ARCHITECTURES)
+    _print_header(args, f"{len(archs)} architectures")
     generator = torch.Generator().manual_seed(args.seed)
     failures = 0
-    for arch in args.archs or list(ARCHITECTURES):
+    for arch in archs:
         result, agreement = check_parity(arch, args, generator)
         failures += not result.ok
         print(f"{arch:20s} {result}; top-1 agreement {agreement:.1%}", flush=True)
-    print(f"{failures} of {len(args.archs or ARCHITECTURES)} architectures failed parity")
+    print(f"{failures} of {len(archs)} architectures failed parity")
     return 1 if failures else 0
 
 
@@ -202,7 +287,7 @@ def _artifact_runner(path: Path, aoti: bool):
 
 @torch.no_grad()
 def convert(args) -> int:
-    out, dtype, device = Path(args.out), DTYPES[args.dtype], torch.device(args.device)
+    out, dtype, device = Path(args.out), DTYPES[args.dtype], _device(args.device)
     if out.suffix not in (".pt2", ".onnx"):
         raise UsageError(f"--out {out}: unknown extension {out.suffix!r}; use .pt2 (torch.export) or .onnx")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
@@ -241,11 +326,7 @@ def convert(args) -> int:
         if args.aoti:
             torch._inductor.aoti_compile_and_package(program, package_path=str(out))
         else:
-            with warnings.catch_warnings():
-                # torch.export.save says so of every weight that is not contiguous (ours are channels_last),
-                # and then saves it correctly.
-                warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-                torch.export.save(program, out)
+            save_program(program, out)
         what = ("AOTInductor package" if args.aoti else "torch.export program") + f" of {LOWERED[args.lower_to]}"
     print(f"wrote {out}: {what}; input (batch, 3, {size}, {size}) {args.dtype}, any batch size")
 
@@ -270,32 +351,60 @@ def convert(args) -> int:
     return 0 if ok else 1
 
 
+def _at_least(least: int):
+    """An argparse type: an int of at least `least`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer of at least {least}")
+        return value
+
+    return parse
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on a GPU, else float32")
-    parser.add_argument("--batch", type=int, default=None, help="default: 64 on a GPU, 4 on the CPU")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=_at_least(1), default=None, help="default: 64 on a GPU, 4 on the CPU")
+    parser.add_argument("--image-size", type=_at_least(1), default=224)
     parser.add_argument("--backend", default="auto", choices=["auto", *backends.NAMES])
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _subcommand(commands, name: str, text: str) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name, help=text, description=text, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fused_resnet", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command")
+    parser = _Parser(
+        prog="python -m fused_resnet",
+        description=__doc__.split("\n\n")[0] + "\nWithout a subcommand, it runs `run`.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", title="subcommands", metavar="SUBCOMMAND")
     for command, text in (
-        ("run", "fuse one model, check parity, time it against eager and cuDNN (the default)"),
-        ("bench", "time one model: ours against the peers named with --peers"),
+        ("run", "fuse one model, check parity against float64 eager, time it against its peers (the default)"),
+        ("bench", "time one model against the peers named with --peers (eager, torch.compile, cuDNN, ours)"),
     ):
-        timing_parser = commands.add_parser(command, help=text)
+        timing_parser = _subcommand(commands, command, text)
         timing_parser.add_argument("--arch", default="resnet50", choices=list(ARCHITECTURES))
-        timing_parser.add_argument("--iters", type=int, default=10)
+        timing_parser.add_argument(
+            "--iters", type=_at_least(MIN_ITERS), default=20, help=f"timed repetitions per peer (at least {MIN_ITERS})"
+        )
         timing_parser.add_argument("--peers", nargs="+", choices=list(peers.ALL), default=None, metavar="PEER", help=f"from: {', '.join(peers.ALL)}")
         _common(timing_parser)
-    verify_parser = commands.add_parser("verify", help="parity of every architecture against float64 eager")
+    verify_parser = _subcommand(commands, "verify", "parity of every architecture (or those named) against float64 eager")
     verify_parser.add_argument("archs", nargs="*", metavar="ARCH", help=f"default: all of {', '.join(ARCHITECTURES)}")
     _common(verify_parser)
-    convert_parser = commands.add_parser(
-        "convert", help="export a fused model to .pt2 (torch.export) or .onnx, re-load it and check it"
+    convert_parser = _subcommand(
+        commands, "convert", "export a fused model to .pt2 (torch.export) or .onnx, re-load it and check it"
     )
     convert_parser.add_argument("--arch", default="resnet50", choices=list(ARCHITECTURES))
     convert_parser.add_argument(
@@ -328,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     unknown = [arch for arch in getattr(args, "archs", []) if arch not in ARCHITECTURES]
     if unknown:
-        parser.error(f"unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}")
+        commands.choices["verify"].error(f"unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}")
     try:
         return {"run": run, "bench": bench, "verify": verify, "convert": convert}[args.command](args)
     except UsageError as error:

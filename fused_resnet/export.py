@@ -19,6 +19,7 @@ pick a backend in Python on every call. export_program lowers them to one of thr
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -132,6 +133,15 @@ def export_program(
         dynamic_shapes = tuple({0: batch} if isinstance(a, Tensor) and a.dim() > 0 else None for a in args)
     exported = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
     return exported if table is None else exported.run_decompositions(table)
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike) -> None:
+    """torch.export.save, without the "No complete tensor found in the group!" warning it gives for
+    every weight that is not contiguous (a fused model's are channels_last): for a weight that shares
+    its storage with no other tensor it then saves that weight as it is, strides included."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+        torch.export.save(program, path)
 
 
 def export_onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batch: bool = True) -> str:

@@ -218,7 +218,15 @@ class FusedResNet(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"FusedResNet takes a 4-D batch of images (N, {self.conv1.in_channels}, H, W), got {got}; "
+                "a single image needs a batch dimension: x.unsqueeze(0)"
+            )
         x = x.to(dtype=self.conv1.weight.dtype, memory_format=torch.channels_last)
         x = self.maxpool(self.conv1(x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        # Pooled from NCHW, the features flatten as a plain reshape: from channels_last, an exported
+        # graph (ONNX) gathers them element by element, through index arithmetic.
+        return self.fc(torch.flatten(self.avgpool(x.contiguous()), 1))

@@ -1,6 +1,7 @@
 """fr.fuse on every supported torchvision ResNet: parity with eager, layouts, gradients, no mutation."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -111,6 +112,14 @@ def test_model_without_blocks_warns_and_copies():
     with pytest.warns(UserWarning, match="no torchvision BasicBlock or Bottleneck"):
         fused = fr.fuse(model)
     assert fused is not model and fused[0].weight.data_ptr() != model[0].weight.data_ptr()
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 2, 3, 32, 32)])
+def test_wrong_rank_input_names_the_expected_shape(shape):
+    fused = fr.fuse(build("resnet18"), backend="torch")
+    expected = f"FusedResNet takes a 4-D batch of images (N, 3, H, W), got shape {shape}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        fused(torch.randn(shape))
 
 
 def test_training_mode_model_is_refused():
