@@ -12,15 +12,15 @@ TEST_DEPS = pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript
 
 PIP_INSTALL = $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
 # Succeeds when all the requirements named are installed; pip runs only when one is not.
-INSTALLED = $(PYTHON) tools/missing_requirements.py
+INSTALLED = $(PYTHON) fused_resnet/_build/missing_requirements.py
 
-# tools/setup_stamp.py runs `pip install -e .` (which compiles the CUDA extension) only when the
+# fused_resnet/_build/setup_stamp.py runs `pip install -e .` (which compiles the CUDA extension) only when the
 # sources, torch, the arch list or the toolchain changed since the last install; then ninja recompiles
 # only what changed. It prints one line: what the extension is built for, or why it is not.
 setup:
 	@$(INSTALLED) torch torchvision || $(PIP_INSTALL) $(TORCH_PINS)
 	@$(INSTALLED) $(BUILD_DEPS) || $(PIP_INSTALL) $(BUILD_DEPS)
-	@MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) tools/setup_stamp.py
+	@MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) fused_resnet/_build/setup_stamp.py
 
 setup-test: setup
 	@$(INSTALLED) $(TEST_DEPS) || $(PIP_INSTALL) $(TEST_DEPS)

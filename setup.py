@@ -7,7 +7,7 @@ instructions (wgmma) and TMA need arch-specific sm_90a machine code: a "9.0" in 
 "9.0a" (a cubin for the same devices), and the Hopper conv kernels are built whenever 9.0a is in it.
 Without nvcc the pure-Python package is installed, and backend="cuda" explains that the extension
 was not built. Either way one line starting "CUDA extension: " says what is built, or why nothing is
-(tools/setup_stamp.py, which `make` runs, shows it).
+(fused_resnet/_build/setup_stamp.py, which `make` runs, shows it).
 """
 
 import glob

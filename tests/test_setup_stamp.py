@@ -1,5 +1,5 @@
-"""The set-up's decisions: rebuild (tools/setup_stamp.py) only when a source, torch, the arch list or
-the installed extension changed; run pip for requirements (tools/missing_requirements.py) only when
+"""The set-up's decisions: rebuild (fused_resnet/_build/setup_stamp.py) only when a source, torch, the arch list or
+the installed extension changed; run pip for requirements (fused_resnet/_build/missing_requirements.py) only when
 one is missing."""
 
 import importlib.metadata
@@ -11,7 +11,7 @@ import pytest
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "tools" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "fused_resnet" / "_build" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

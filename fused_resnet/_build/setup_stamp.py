@@ -1,6 +1,6 @@
 """Set-up without needless rebuilds: `make setup` runs this instead of `pip install -e .` directly.
 
-    python tools/setup_stamp.py
+    python fused_resnet/_build/setup_stamp.py
 
 Installing fused_resnet compiles its CUDA extension (minutes). After each successful install,
 build/setup-stamp.json records what the build depended on: the files under csrc/, setup.py and
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the source tree: fused_resnet/_build/ is two levels down
 STAMP = Path("build", "setup-stamp.json")
 LOG = Path("build", "setup.log")
 # setup.py prints one line starting with this, saying what it builds (or why it builds nothing).

@@ -2,7 +2,7 @@
 installed in this Python; 0 otherwise. `make` asks this first and runs pip only when needed: pip
 takes seconds to start even when everything is installed.
 
-    python tools/missing_requirements.py ninja nvidia-cutlass==4.2.0.0 || pip install ...
+    python fused_resnet/_build/missing_requirements.py ninja nvidia-cutlass==4.2.0.0 || pip install ...
 """
 
 from __future__ import annotations
