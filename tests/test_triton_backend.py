@@ -423,9 +423,10 @@ def named_arguments(*layer):
     return conv.named_arguments(*kernel_arguments(*layer))
 
 
-def a_gpu(monkeypatch, conv, shared_memory=232_448, sms=132):
-    """A fake CUDA tensor's view of a device (the launch path reads only these)."""
-    properties = SimpleNamespace(shared_memory_per_block_optin=shared_memory, multi_processor_count=sms)
+def a_gpu(monkeypatch, conv, shared_memory=232_448, capability=(9, 0), sms=132):
+    """A fake CUDA tensor, and its device's properties as the launch path reads them."""
+    properties = SimpleNamespace(shared_memory_per_block_optin=shared_memory, major=capability[0],
+                                 minor=capability[1], multi_processor_count=sms)
     monkeypatch.setattr(conv, "_device_properties", lambda device: properties)
     return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), element_size=lambda: 2)
 
@@ -447,7 +448,7 @@ def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     kernel, meta = conv._kernel_and_meta(x, named, 1)
-    rule = conv._untuned_config(conv.fitting_configs(m, cout_g, k_step, 2, "tf32", 232_448), m, cout_g, 1, x.device)
+    rule = conv._untuned_config(conv.fitting_configs(named, 232_448, 90), m, cout_g, 1, x.device)
     assert kernel is conv._conv_kernel and meta == conv._meta(rule)
     assert conv._conv_kernel_tuned.cache == {}
 
@@ -472,35 +473,48 @@ def test_the_capture_path_looks_up_the_autotuners_own_key(monkeypatch):
     assert len(ran) == 1 and {k: ran[0][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")} == stored.kwargs
 
 
-@pytest.mark.parametrize("limit", [101_376, 166_912, 232_448], ids=["sm86", "sm80", "sm90"])
-def test_pruning_keeps_what_fits_the_devices_shared_memory(monkeypatch, limit):
+@pytest.mark.parametrize(
+    "capability, limit, kept",
+    [
+        ((8, 6), 101_376, [(64, 32, 64, 4, 4), (32, 64, 64, 4, 4), (64, 16, 32, 4, 3)]),
+        ((8, 0), 166_912, [(128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 32, 64, 4, 4),
+                           (32, 64, 64, 4, 4), (128, 16, 64, 4, 3), (64, 16, 32, 4, 3)]),
+        ((9, 0), 232_448, [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                           (64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 32, 64, 4, 4), (32, 64, 64, 4, 4),
+                           (128, 16, 64, 4, 3), (64, 16, 32, 4, 3)]),
+    ],
+    ids=["sm86", "sm80", "sm90"],
+)
+def test_pruning_keeps_what_fits_the_devices_shared_memory_and_registers(monkeypatch, capability, limit, kept):
+    """fp32 (tf32x3) on a 512-channel 3x3 layer: pipelines of 3 or 4 stages of (BLOCK_M + BLOCK_N) x
+    BLOCK_K fp32 tiles (+ one B tile on Hopper); 128x256 and 256x128 hold too many accumulators."""
     conv = importlib.import_module("fused_resnet.backends.triton.conv")
-    x = a_gpu(monkeypatch, conv, shared_memory=limit)
-    named = named_arguments((256, 512, 28, 28), 512, 3, torch.float32, "tf32x3")
-    named["x_ptr"] = SimpleNamespace(device=x.device, element_size=lambda: 4)
-    kept = conv._prune_configs(conv._TUNING_CONFIGS, named)
-    every = conv.shrunk_configs(*conv.problem_size(named))
-    estimates = {id(c): conv.shared_memory_estimate(c, 4, "tf32x3") for c in every}
-    assert kept and all(conv.shared_memory_estimate(c, 4, "tf32x3") <= limit for c in kept)
-    assert len(kept) == sum(e <= limit for e in estimates.values()) < len(every)
+    a_gpu(monkeypatch, conv, shared_memory=limit, capability=capability)
+    args, constexprs = kernel_arguments((256, 512, 28, 28), 512, 3, torch.float32, "tf32x3")
+    tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+             for c in conv._prune_configs(conv._TUNING_CONFIGS, dict(zip(conv._conv_kernel.arg_names, args)),
+                                          **constexprs)]
+    assert tiles == kept
 
 
-def test_shared_memory_limit_is_the_devices_opt_in_maximum(monkeypatch):
+def test_pruning_asks_each_device_once_for_its_shared_memory_and_capability(monkeypatch):
     conv = importlib.import_module("fused_resnet.backends.triton.conv")
     asked = []
 
     def properties(device):
         asked.append(device)
-        return SimpleNamespace(shared_memory_per_block_optin=166_912 if device.index == 0 else 101_376)
+        if device.index == 0:
+            return SimpleNamespace(shared_memory_per_block_optin=166_912, major=8, minor=0)
+        return SimpleNamespace(shared_memory_per_block_optin=101_376, major=8, minor=9)
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
     conv._device_properties.cache_clear()
     try:
-        limits = [conv.shared_memory_limit(torch.device("cuda", i)) for i in (0, 1, 0)]
+        found = [conv._shared_memory_and_arch(torch.device("cuda", i)) for i in (0, 1, 0)]
     finally:
         conv._device_properties.cache_clear()
-    assert limits == [166_912, 101_376, 166_912]
-    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]  # once per device
+    assert found == [(166_912, 80), (101_376, 89), (166_912, 80)]
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
 
 
 # ResNet-50's layers at full size, on a GPU --------------------------------------------------------
@@ -554,12 +568,11 @@ def test_every_tile_config_gpu(conv_case, dtype, monkeypatch):
     """Each config the autotuner may pick, launched on its own (the model tests run untuned)."""
     conv = importlib.import_module("fused_resnet.backends.triton.conv")
     args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(12))
-    cout, cin_g, r, s = args[1].shape
-    flat_k = r * s > 1 and cin_g % 16 != 0
-    m = out_shape[0] * out_shape[2] * out_shape[3]
-    x = args[0]
-    configs = conv.fitting_configs(m, cout // args[7], conv._k_step(flat_k, r * s * cin_g, cin_g), x.element_size(),
-                                   conv.input_precision(x), conv.shared_memory_limit(x.device))
+    x, weight, bias, residual, stride, padding, dilation, groups, relu = args
+    out = torch.empty(out_shape, dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    arguments = conv.kernel_arguments(out, x, conv.gemm_weight(weight), bias, residual, stride, padding, dilation,
+                                      groups, relu, conv.input_precision(x))
+    configs = conv.fitting_configs(conv.named_arguments(*arguments), *conv._shared_memory_and_arch(x.device))
     assert configs
     for config in configs:
         monkeypatch.setattr(conv, "_kernel_and_meta", lambda *a, config=config: (conv._conv_kernel, conv._meta(config)))

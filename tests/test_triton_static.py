@@ -55,7 +55,7 @@ def record(**fields) -> dict:
         (dict(shared=150_000), "the kernel needs 150000 B"),
         (dict(spill_bytes=64), "spills 64 B"),
         (dict(mma_sync=False), "no tensor-core instruction"),
-        (dict(dtype="fp32-ieee", shared=32768), "without TF32 runs on tensor cores"),
+        (dict(dtype="fp32-ieee", block_m=64, shared=32768), "without TF32 runs on tensor cores"),
     ],
     ids=["over_the_limit", "above_the_estimate", "spills", "no_tensor_cores", "ieee_on_tensor_cores"],
 )

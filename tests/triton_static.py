@@ -1,13 +1,11 @@
 """The conv kernel compiled ahead of time for real GPUs, with no GPU: what each tile config costs.
 
 For each layer of a representative set, each dtype and each target, every tile config that the
-kernel's pruning could keep (the configs shrunk to the layer, before the shared-memory filter) is
-compiled by triton.compile for that target, exactly as a launch would specialise it, and measured:
-
-    shared      bytes of shared memory (compiled.metadata.shared): what the driver must grant
-    estimate    the pruning's estimate of it (conv.shared_memory_estimate)
-    registers, spill_bytes   from `ptxas -v` on the PTX, with the flags Triton's own ptxas run uses
-    mma_sync, wgmma          tensor-core instructions in the PTX
+kernel's pruning could keep (the configs shrunk to the layer, before the register and shared-memory
+filters) is compiled by triton.compile for that target, specialised exactly as a launch would, and
+measured: shared memory (compiled.metadata.shared, what the driver must grant), registers and spilled
+bytes (`ptxas -v` with the flags of Triton's own ptxas run), tensor-core instructions in the PTX
+(mma.sync, wgmma). The table and the checks then apply the kernel's pruning for each kind of device.
 
     python tests/triton_static.py                 # the full sweep, then the table
     python tests/triton_static.py --jobs 2 --out sweep.jsonl
@@ -50,8 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fused_resnet.backends.triton import conv  # noqa: E402
 from fused_resnet.validation import conv_output_size  # noqa: E402
 
-# Compute capability -> what one block may use (the driver's max shared memory per block, opt-in).
-SHARED_MEMORY_LIMITS = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 TARGETS = {80: "sm_80", 90: "sm_90a"}
 # dtype name -> (torch dtype, tl.dot input precision): fp32 with TF32 allowed runs as tf32x3.
 DTYPES = {
@@ -137,9 +133,7 @@ def jobs_for(layers, batches, dtypes, archs) -> list[Job]:
         tiles = {}
         for batch in batches:
             for config in candidate_configs(layer, batch):
-                tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"],
-                        config.num_warps, config.num_stages)
-                tiles.setdefault(tile, []).append(batch)
+                tiles.setdefault(tile_of(config), []).append(batch)
         jobs.extend(Job(layer, tuple(tile_batches), dtype, arch, *tile)
                     for tile, tile_batches in tiles.items() for dtype in dtypes for arch in archs)
     return jobs
@@ -243,39 +237,52 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# Rows of the table: a target, the limit its devices grant, and the compiled code that runs there
-# (sm_86 and sm_89 run the sm_80 pipeline: their kernels are sm_80's, under a smaller limit).
-TABLE_TARGETS = [("sm_80", 80, SHARED_MEMORY_LIMITS[80]), ("sm_86/89 (sm_80 code)", 80, SHARED_MEMORY_LIMITS[86]),
-                 ("sm_90a", 90, SHARED_MEMORY_LIMITS[90])]
+@dataclass(frozen=True)
+class Device:
+    """A kind of GPU the table has a row for: its compute capability, the shared memory one program
+    may use on it (the driver's maximum per block, opt-in), and the compiled code it runs (sm_86 and
+    sm_89 run sm_80's pipeline)."""
+
+    label: str
+    arch: int
+    shared_memory: int
+    code_arch: int
 
 
-def element_size(record: dict) -> int:
-    return DTYPES[record["dtype"]][0].itemsize
+DEVICES = [
+    Device("sm_80", 80, 166_912, 80),
+    Device("sm_86/89 (sm_80 code)", 86, 101_376, 80),
+    Device("sm_90a", 90, 232_448, 90),
+]
 
 
-def config_of(record: dict):
-    return triton.Config({"BLOCK_M": record["block_m"], "BLOCK_N": record["block_n"], "BLOCK_K": record["block_k"]},
-                         num_warps=record["num_warps"], num_stages=record["num_stages"])
+def tile_of(config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
+            config.num_stages)
 
 
-def estimate(record: dict) -> int:
-    return conv.shared_memory_estimate(config_of(record), element_size(record), DTYPES[record["dtype"]][1])
-
-
-def kept(record: dict, limit: int) -> bool:
-    """Whether the kernel's pruning keeps this record's config for its layer on a device with `limit`."""
-    layer = next(layer for layer in LAYERS if layer.name == record["layer"])
+def estimate(record: dict, arch: int) -> int:
     dtype, precision = DTYPES[record["dtype"]]
-    args, constexprs = layer_arguments(layer, record["batch"], dtype, precision)
-    fitting = conv.fitting_configs(*conv.problem_size(conv.named_arguments(args, constexprs)),
-                                   dtype.itemsize, precision, limit)
+    config = triton.Config({"BLOCK_M": record["block_m"], "BLOCK_N": record["block_n"], "BLOCK_K": record["block_k"]},
+                           num_warps=record["num_warps"], num_stages=record["num_stages"])
+    return conv.shared_memory_estimate(config, dtype.itemsize, precision, arch)
+
+
+def pruned_configs(layer: Layer, batch: int, dtype: str, device: Device) -> list:
+    """The configs the kernel's pruning keeps for the layer on the device."""
+    torch_dtype, precision = DTYPES[dtype]
+    named = conv.named_arguments(*layer_arguments(layer, batch, torch_dtype, precision))
+    return conv.fitting_configs(named, device.shared_memory, device.arch)
+
+
+def kept(record: dict, device: Device) -> bool:
+    layer = next(layer for layer in LAYERS if layer.name == record["layer"])
     tile = (record["block_m"], record["block_n"], record["block_k"], record["num_warps"], record["num_stages"])
-    return any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == tile
-               for c in fitting)
+    return tile in {tile_of(c) for c in pruned_configs(layer, record["batch"], record["dtype"], device)}
 
 
 def table(records: list[dict]) -> str:
-    """Per target and dtype, over the configs pruning keeps: kernels compiled, kernels above the
+    """Per device and dtype, over the configs pruning keeps there: kernels compiled, kernels above the
     device's shared-memory limit, kernels that spill registers, kernels with tensor-core instructions;
     and over every compiled config, how often the pruning's estimate fell below the real size."""
     lines = [
@@ -283,18 +290,18 @@ def table(records: list[dict]) -> str:
         " | estimate < real (all compiled) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, arch, limit in TABLE_TARGETS:
+    for device in DEVICES:
         for dtype in DTYPES:
-            compiled = [r for r in records if r["arch"] == arch and r["dtype"] == dtype]
+            compiled = [r for r in records if r["arch"] == device.code_arch and r["dtype"] == dtype]
             if not compiled:
                 continue
-            selected = [r for r in compiled if kept(r, limit)]
+            selected = [r for r in compiled if kept(r, device)]
             lines.append(
-                f"| {label} | {dtype} | {len(selected)} | {sum(r['shared'] > limit for r in selected)}"
+                f"| {device.label} | {dtype} | {len(selected)} | {sum(r['shared'] > device.shared_memory for r in selected)}"
                 f" | {sum(r['spill_bytes'] > 0 for r in selected)}"
                 f" | {sum(r['mma_sync'] or r['wgmma'] for r in selected)}"
                 f" ({sum(r['mma_sync'] for r in selected)} / {sum(r['wgmma'] for r in selected)})"
-                f" | {sum(estimate(r) < r['shared'] for r in compiled)} of {len(compiled)} |"
+                f" | {sum(estimate(r, device.arch) < r['shared'] for r in compiled)} of {len(compiled)} |"
             )
     return "\n".join(lines)
 
@@ -305,15 +312,19 @@ def violations(records: list[dict]) -> list[str]:
     for r in records:
         name = (f"{r['layer']} batch {r['batch']} {r['dtype']} {TARGETS[r['arch']]} tile {r['block_m']}x{r['block_n']}"
                 f"x{r['block_k']} warps {r['num_warps']} stages {r['num_stages']}")
-        if estimate(r) < r["shared"]:
-            found.append(f"{name}: pruning estimates {estimate(r)} B of shared memory, the kernel needs {r['shared']} B")
-        for label, arch, limit in TABLE_TARGETS:
-            if arch != r["arch"] or not kept(r, limit):
+        for device in DEVICES:
+            if device.code_arch != r["arch"]:
                 continue
-            if r["shared"] > limit:
-                found.append(f"{name}: kept on {label} but needs {r['shared']} B of shared memory (limit {limit} B)")
+            if estimate(r, device.arch) < r["shared"]:
+                found.append(f"{name}: pruning estimates {estimate(r, device.arch)} B of shared memory on"
+                             f" {device.label}, the kernel needs {r['shared']} B")
+            if not kept(r, device):
+                continue
+            if r["shared"] > device.shared_memory:
+                found.append(f"{name}: kept on {device.label} but needs {r['shared']} B of shared memory"
+                             f" (limit {device.shared_memory} B)")
             if r["dtype"] in ("fp16", "bf16") and r["spill_bytes"]:
-                found.append(f"{name}: kept on {label} but spills {r['spill_bytes']} B of registers")
+                found.append(f"{name}: kept on {device.label} but spills {r['spill_bytes']} B of registers")
             if r["dtype"] in TENSOR_CORE_DTYPES and not (r["mma_sync"] or r["wgmma"]):
                 found.append(f"{name}: no tensor-core instruction (mma.sync / wgmma) in the PTX")
             if r["dtype"] == "fp32-ieee" and (r["mma_sync"] or r["wgmma"]):
@@ -323,19 +334,19 @@ def violations(records: list[dict]) -> list[str]:
 
 def subset_jobs() -> list[Job]:
     """For CI: per layer (at batch 256, and layer4's 7x7 also at batch 1, where its tiles shrink),
-    dtype and target, the kept config with the largest shared-memory estimate: the one closest to the
-    device's limit, and the biggest tile, where spills show first."""
+    dtype and compiled target, the kept config with the largest shared-memory estimate: the one
+    closest to the device's limit, and the biggest tile, where spills show first."""
     jobs = []
     for layer in LAYERS:
         for batch in (1, 256) if layer.size == 7 else (256,):
             for dtype, (torch_dtype, precision) in DTYPES.items():
-                args, constexprs = layer_arguments(layer, batch, torch_dtype, precision)
-                problem = conv.problem_size(conv.named_arguments(args, constexprs))
-                for arch in TARGETS:
-                    fitting = conv.fitting_configs(*problem, torch_dtype.itemsize, precision, SHARED_MEMORY_LIMITS[arch])
-                    c = max(fitting, key=lambda c: conv.shared_memory_estimate(c, torch_dtype.itemsize, precision))
-                    jobs.append(Job(layer, (batch,), dtype, arch, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                    c.kwargs["BLOCK_K"], c.num_warps, c.num_stages))
+                for device in DEVICES:
+                    if device.arch != device.code_arch:
+                        continue  # its code is compiled for the target it shares
+                    largest = max(pruned_configs(layer, batch, dtype, device),
+                                  key=lambda c: conv.shared_memory_estimate(c, torch_dtype.itemsize, precision,
+                                                                            device.arch))
+                    jobs.append(Job(layer, (batch,), dtype, device.arch, *tile_of(largest)))
     return jobs
 
 

@@ -225,24 +225,36 @@ def shrunk_configs(m, cout_g: int, k_step: int) -> list:
     return list(kept.values())
 
 
-def shared_memory_estimate(config, element_size: int, precision: str) -> int:
-    """Bytes of shared memory the compiled kernel needs for `config`, at most: tests/triton_static.py
-    checks it against every compiled config (the real size is what Triton's compiler reports).
+def shared_memory_estimate(config, element_size: int, precision: str, arch: int) -> int:
+    """Bytes of shared memory the compiled kernel needs for `config` on compute capability `arch`
+    (86 for 8.6), at most: tests/triton_static.py checks it against the compiled kernels' own figure.
 
-    The pipeline holds num_stages tiles of A and B (sm_80 keeps one stage fewer in most cases,
-    and the flat K walk's gathered loads only one); tf32x3 on Hopper's wgmma keeps one more tile of
-    B. The epilogue may stage the fp32 accumulator through shared memory instead (not at once).
+    The pipeline holds num_stages tiles of A and B (sm_80 often keeps one stage fewer, and the flat
+    K walk's gathered loads only one); tf32x3 on Hopper's wgmma keeps one more tile of B. The
+    epilogue may stage the fp32 accumulator through shared memory instead (not at the same time).
     """
     block_m, block_n, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    tiles = config.num_stages * (block_m + block_n) + (block_n if precision == "tf32x3" else 0)
+    tiles = config.num_stages * (block_m + block_n) + (block_n if precision == "tf32x3" and arch >= 90 else 0)
     return max(tiles * block_k * element_size, block_m * block_n * 4)
 
 
-def fitting_configs(m, cout_g: int, k_step: int, element_size: int, precision: str, limit: int) -> list:
-    """The configs shrunk to the problem whose shared memory fits in `limit` bytes (the smallest
-    tile always stays: it is what the kernel falls back to)."""
-    configs = shrunk_configs(m, cout_g, k_step)
-    fitting = [c for c in configs if shared_memory_estimate(c, element_size, precision) <= limit]
+def _registers_fit(config, flat_k: bool) -> bool:
+    """Whether ptxas can keep the tile in registers: per thread, at most 64 fp32 accumulator values,
+    and with the flat K walk (an address computed per element of the A tile) at most 96 with those of
+    the A tile. Bigger tiles spill (tests/triton_static.py finds spills in fp16 on sm_80 and sm_90a)."""
+    block_m, block_n, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    per_thread = block_m * (block_n + (block_k if flat_k else 0)) // (32 * config.num_warps)
+    return block_m * block_n // (32 * config.num_warps) <= 64 and per_thread <= 96
+
+
+def fitting_configs(named: dict, limit: int, arch: int) -> list:
+    """The configs for the kernel's named arguments: shrunk to the problem, kept in registers, and
+    within `limit` bytes of shared memory on compute capability `arch` (the smallest tile always
+    stays: it is the kernel's fallback)."""
+    configs = shrunk_configs(*problem_size(named))
+    element_size, precision = named["x_ptr"].element_size(), named["INPUT_PRECISION"]
+    fitting = [c for c in configs if _registers_fit(c, named["FLAT_K"])
+               and shared_memory_estimate(c, element_size, precision, arch) <= limit]
     return fitting or configs[-1:]
 
 
@@ -256,10 +268,7 @@ def problem_size(named: dict) -> tuple:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    named = {**named_args, **kwargs}
-    x = named["x_ptr"]
-    return fitting_configs(*problem_size(named), x.element_size(), named["INPUT_PRECISION"],
-                            shared_memory_limit(x.device))
+    return fitting_configs({**named_args, **kwargs}, *_shared_memory_and_arch(named_args["x_ptr"].device))
 
 
 _conv_kernel_tuned = triton.autotune(
@@ -281,10 +290,12 @@ def _device_properties(device: torch.device):
     return torch.cuda.get_device_properties(device)
 
 
-def shared_memory_limit(device: torch.device) -> int:
-    """Bytes of shared memory one program may use on the device (what the driver grants on opt-in:
-    163 KB on A100, 99 KB on sm_86/89, 227 KB on H100), the limit Triton checks when it loads a kernel."""
-    return _device_properties(device).shared_memory_per_block_optin
+def _shared_memory_and_arch(device: torch.device) -> tuple[int, int]:
+    """What pruning needs to know of the device: the bytes of shared memory one program may use (what
+    the driver grants on opt-in, the limit Triton checks when it loads a kernel: 163 KB on A100, 99 KB
+    on sm_86/89, 227 KB on H100) and the compute capability as a number (86 for 8.6)."""
+    properties = _device_properties(device)
+    return properties.shared_memory_per_block_optin, properties.major * 10 + properties.minor
 
 
 def _untuned_config(configs: list, m, cout_g: int, groups: int, device: torch.device):
@@ -333,8 +344,7 @@ def _kernel_and_meta(x: torch.Tensor, named: dict, groups: int):
     tuned = _conv_kernel_tuned.cache.get(_tuning_key(named)) if capturing else None
     if tuned is not None:
         return _conv_kernel, _meta(tuned)
-    configs = fitting_configs(m, cout_g, k_step, x.element_size(), named["INPUT_PRECISION"],
-                               shared_memory_limit(x.device))
+    configs = fitting_configs(named, *_shared_memory_and_arch(x.device))
     return _conv_kernel, _meta(_untuned_config(configs, m, cout_g, groups, x.device))
 
 
