@@ -591,3 +591,47 @@ def test_fp32_tf32_accuracy_gpu(conv_case, monkeypatch):
     args, out_shape = make_conv(conv_case, torch.float32, torch.Generator().manual_seed(13))
     out = run_backend(args, out_shape, torch.float32)
     assert relative_error(out, conv_bias_act(*args, dtype=torch.float64)) < 2e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_follow_the_tensors_to_the_second_gpu_gpu():
+    """cuda:0 current, tensors on cuda:1: the kernels must run on cuda:1 (the wrong device would
+    fault or leave the NaN-filled output unwritten)."""
+    from fused_resnet.backends.triton import library  # noqa: F401  (registers the ops)
+
+    args, out_shape = make_conv(BASIC_3X3, torch.float16, torch.Generator().manual_seed(15))
+    args = tuple(a.to("cuda:1") if isinstance(a, torch.Tensor) else a for a in args)
+    x, y = torch.randn(2, 3, 4, 5, device="cuda:1"), torch.randn(2, 3, 4, 5, device="cuda:1")
+    out = torch.full(out_shape, float("nan"), dtype=torch.float16, device="cuda:1")
+    out = out.contiguous(memory_format=torch.channels_last)
+    with torch.cuda.device(0):
+        triton_backend.conv2d_bias_act(out, *args)
+        op_out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
+        summed = torch.ops.fused_resnet_triton.add_relu(x, y)
+    torch.cuda.synchronize(1)
+    check_parity(out, *args)
+    check_parity(op_out, *args)
+    torch.testing.assert_close(summed, (x + y).relu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capturing_a_layer_not_yet_tuned_gpu(monkeypatch):
+    """A CUDA graph captured around a layer Triton's autotuner has not seen: the size rule's tile is
+    captured, the replay computes the layer, and the autotuner remembers nothing for it."""
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    monkeypatch.setattr(conv._conv_kernel_tuned, "cache", {})
+    args, out_shape = make_conv(BASIC_3X3, torch.float16, torch.Generator().manual_seed(16))
+    out = torch.empty(out_shape, dtype=torch.float16, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "0")
+    triton_backend.conv2d_bias_act(out, *args)  # compiles the size rule's kernel outside the capture
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_backend.conv2d_bias_act(out, *args)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_parity(out, *args)
+    assert conv._conv_kernel_tuned.cache == {}

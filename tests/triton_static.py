@@ -107,7 +107,8 @@ def layer_arguments(layer: Layer, batch: int, dtype: torch.dtype, precision: str
 
 
 def candidate_configs(layer: Layer, batch: int) -> list:
-    """The tile configs pruning starts from for this layer: shrunk to it, before the memory filter."""
+    """The tile configs pruning starts from for this layer: shrunk to it, before the register and
+    shared-memory filters."""
     args, constexprs = layer_arguments(layer, batch, torch.float16, "tf32")
     return conv.shrunk_configs(*conv.problem_size(conv.named_arguments(args, constexprs)))
 

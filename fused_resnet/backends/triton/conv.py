@@ -181,8 +181,10 @@ def _k_step(flat_k: bool, k_total: int, cin_g: int) -> int:
     return k_total if flat_k else cin_g
 
 
-# Tiles for Hopper: 128x128/128x256 with 8 warps fill the wgmma units on large layers; the narrow
-# and short ones serve late layers (small M), grouped layers (small Cout per group) and batch 1.
+# Tiles for Hopper: 128x128 with 8 warps fills the wgmma units on large layers; the narrow and
+# short ones serve late layers (small M), grouped layers (small Cout per group) and batch 1.
+# 128x256 and 256x128 serve as 128x64 and 256x64 once shrunk to 64-channel layers: at full size
+# they hold 128 accumulators per thread, spill, and pruning drops them (_registers_fit).
 _TUNING_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
     for bm, bn, bk, warps, stages in (
