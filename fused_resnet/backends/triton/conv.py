@@ -242,11 +242,12 @@ def shared_memory_estimate(config, element_size: int, precision: str, arch: int)
 
 def _registers_fit(config, flat_k: bool) -> bool:
     """Whether ptxas can keep the tile in registers: per thread, at most 64 fp32 accumulator values,
-    and with the flat K walk (an address computed per element of the A tile) at most 96 with those of
-    the A tile. Bigger tiles spill (tests/triton_static.py finds spills in fp16 on sm_80 and sm_90a)."""
+    and with the flat K walk (an address and a mask computed per element of the A tile) at most 32
+    elements of the A tile. Bigger tiles spill (tests/triton_static.py finds spills in fp16 on sm_80
+    and sm_90a: 128x256 on 1x1 layers, 128x16x64 on ResNeXt's grouped 3x3)."""
+    threads = 32 * config.num_warps
     block_m, block_n, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    per_thread = block_m * (block_n + (block_k if flat_k else 0)) // (32 * config.num_warps)
-    return block_m * block_n // (32 * config.num_warps) <= 64 and per_thread <= 96
+    return block_m * block_n <= 64 * threads and (not flat_k or block_m * block_k <= 32 * threads)
 
 
 def fitting_configs(named: dict, limit: int, arch: int) -> list:
