@@ -12,7 +12,9 @@ one unit in the last place of the dtype plus the floor (see `check_parity`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -258,12 +260,12 @@ def test_triton_library_ops_opcheck():
     torch.library.opcheck(torch.ops.fused_resnet_triton.add_relu.default, (x, y), test_utils=tests)
 
 
-def test_fitting_configs_shrink_to_the_layer_but_never_depend_on_a_symbolic_batch():
+def test_configs_shrink_to_the_layer_but_never_depend_on_a_symbolic_batch():
     conv = importlib.import_module("fused_resnet.backends.triton.conv")
-    small = conv._fitting_configs(49, 16, 64, 2)  # batch 1, 7x7 output, 16 channels per group
+    small = conv.shrunk_configs(49, 16, 64)  # batch 1, 7x7 output, 16 channels per group
     assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] == 16 for c in small)
     # While AOTInductor traces a dynamic batch, N * OH * OW is a symbol: it must cap nothing.
-    symbolic = conv._fitting_configs("s0 * 49", 16, 64, 2)
+    symbolic = conv.shrunk_configs("s0 * 49", 16, 64)
     assert max(c.kwargs["BLOCK_M"] for c in symbolic) == 256
     for configs in (small, symbolic):
         assert len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
@@ -336,6 +338,176 @@ def test_add_relu_mixed_layouts_fall_back(fallback_allowed):
     torch.testing.assert_close(out, (x + y).relu())
 
 
+# Launches: the tensors' device, CUDA graph captures, the device's shared memory --------------------
+
+
+class Recorder:
+    """A stand-in for a context manager factory: records its arguments and whether it is entered."""
+
+    def __init__(self, wrapped=None):
+        self.calls, self.depth, self.wrapped = [], 0, wrapped
+
+    @contextlib.contextmanager
+    def __call__(self, arg):
+        self.calls.append(arg)
+        with self.wrapped(arg) if self.wrapped else contextlib.nullcontext():
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+
+
+def test_on_device_of_makes_the_tensors_gpu_current(monkeypatch):
+    device = Recorder()
+    monkeypatch.setattr(torch.cuda, "device", device)
+    on_gpu1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    with triton_backend.on_device_of(on_gpu1):
+        assert device.depth == 1
+    with triton_backend.on_device_of(torch.ones(1)):  # a CPU tensor (the interpreter): nothing to select
+        pass
+    assert device.calls == [torch.device("cuda", 1)]
+
+
+def test_every_triton_launch_runs_under_its_tensors_device(monkeypatch):
+    """The backend's kernels and the triton_op wrappers (library.py) alike: each kernel launch
+    happens inside on_device_of(a tensor of the call), and still computes the right values."""
+    from fused_resnet.backends.triton import add_relu_kernel, library  # noqa: F401  (library registers the ops)
+
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    guard = Recorder(triton_backend.on_device_of)
+    monkeypatch.setattr(conv, "on_device_of", guard)
+    monkeypatch.setattr(add_relu_kernel, "on_device_of", guard)
+    launched_inside = []
+    for kernel in (conv._conv_kernel, add_relu_kernel._add_relu_kernel):
+        def run(*args, _run=kernel.run, **kwargs):
+            launched_inside.append(guard.depth == 1)
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+
+    args, out_shape = make_conv(BASIC_3X3, torch.float32, torch.Generator().manual_seed(14))
+    check_parity(run_backend(args, out_shape, torch.float32), *args)
+    check_parity(torch.ops.fused_resnet_triton.conv2d_bias_act(*args), *args)
+    x, y = torch.randn(2, 3, 4, 5, device=DEVICE), torch.randn(2, 3, 4, 5, device=DEVICE)
+    out = torch.empty_like(x)
+    triton_backend.add_relu(out, x, y)
+    torch.testing.assert_close(out, (x + y).relu())
+    torch.testing.assert_close(torch.ops.fused_resnet_triton.add_relu(x, y), (x + y).relu())
+    assert launched_inside == [True] * 4
+    assert [t.device for t in guard.calls] == [torch.device(DEVICE)] * 4
+
+
+def kernel_arguments(x_shape, cout, kernel, dtype, precision, padding=1):
+    """The conv kernel's arguments and constexprs for a layer, on meta tensors (nothing is launched)."""
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    n, c, h, w = x_shape
+    x = torch.empty(x_shape, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
+    weight = torch.empty(cout, kernel, kernel, c, dtype=dtype, device="meta")
+    oh, ow = h + 2 * padding - kernel + 1, w + 2 * padding - kernel + 1
+    out = torch.empty(n, cout, oh, ow, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
+    return conv.kernel_arguments(out, x, weight, None, None, (1, 1), (padding,) * 2, (1, 1), 1, True, precision)
+
+
+def named_arguments(*layer):
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    return conv.named_arguments(*kernel_arguments(*layer))
+
+
+def a_gpu(monkeypatch, conv, shared_memory=232_448, capability=(9, 0), sms=132):
+    """A fake CUDA tensor, and its device's properties as the launch path reads them."""
+    properties = SimpleNamespace(shared_memory_per_block_optin=shared_memory, major=capability[0],
+                                 minor=capability[1], multi_processor_count=sms)
+    monkeypatch.setattr(conv, "_device_properties", lambda device: properties)
+    return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), element_size=lambda: 2)
+
+
+def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
+    """While a graph is captured, a layer Triton's autotuner has not tuned gets the size rule's
+    tile, without the autotuner (which would time and synchronise inside the capture), and nothing
+    is remembered for it; a layer it has tuned gets the tuned tile. Outside a capture: the autotuner."""
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    monkeypatch.setattr(conv, "_interpreting", lambda: False)
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")
+    monkeypatch.setattr(conv._conv_kernel_tuned, "cache", {})
+    x = a_gpu(monkeypatch, conv)
+    named = named_arguments((8, 64, 56, 56), 64, 3, torch.float16, "tf32")
+    m, cout_g, k_step = conv.problem_size(named)
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert conv._kernel_and_meta(x, named, 1) == (conv._conv_kernel_tuned, {})
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    kernel, meta = conv._kernel_and_meta(x, named, 1)
+    rule = conv._untuned_config(conv.fitting_configs(named, 232_448, 90), m, cout_g, 1, x.device)
+    assert kernel is conv._conv_kernel and meta == conv._meta(rule)
+    assert conv._conv_kernel_tuned.cache == {}
+
+    tuned = conv.shrunk_configs(m, cout_g, k_step)[-2]
+    conv._conv_kernel_tuned.cache[conv._tuning_key(named)] = tuned
+    assert conv._kernel_and_meta(x, named, 1) == (conv._conv_kernel, conv._meta(tuned))
+
+
+def test_the_capture_path_looks_up_the_autotuners_own_key(monkeypatch):
+    """_tuning_key must be the key Triton's autotuner files its choice under: with it in the
+    autotuner's memory, a call runs the stored config without timing anything."""
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    tuner = conv._conv_kernel_tuned
+    args, constexprs = kernel_arguments((8, 64, 56, 56), 64, 3, torch.float16, "tf32")
+    named = conv.named_arguments(args, constexprs)
+    stored = conv.shrunk_configs(*conv.problem_size(named))[-1]
+    monkeypatch.setattr(tuner, "cache", {conv._tuning_key(named): stored})
+    ran = []
+    monkeypatch.setattr(tuner, "fn", SimpleNamespace(run=lambda *args, **kwargs: ran.append(kwargs)))
+    monkeypatch.setattr(tuner, "_bench", lambda *args, **kwargs: pytest.fail("the autotuner timed configs"))
+    tuner.run(*args, grid=(1,), warmup=False, **constexprs)
+    assert len(ran) == 1 and {k: ran[0][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")} == stored.kwargs
+
+
+@pytest.mark.parametrize(
+    "capability, limit, kept",
+    [
+        ((8, 6), 101_376, [(64, 32, 64, 4, 4), (32, 64, 64, 4, 4), (64, 16, 32, 4, 3)]),
+        ((8, 0), 166_912, [(128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 32, 64, 4, 4),
+                           (32, 64, 64, 4, 4), (128, 16, 64, 4, 3), (64, 16, 32, 4, 3)]),
+        ((9, 0), 232_448, [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                           (64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 32, 64, 4, 4), (32, 64, 64, 4, 4),
+                           (128, 16, 64, 4, 3), (64, 16, 32, 4, 3)]),
+    ],
+    ids=["sm86", "sm80", "sm90"],
+)
+def test_pruning_keeps_what_fits_the_devices_shared_memory_and_registers(monkeypatch, capability, limit, kept):
+    """fp32 (tf32x3) on a 512-channel 3x3 layer: pipelines of 3 or 4 stages of (BLOCK_M + BLOCK_N) x
+    BLOCK_K fp32 tiles (+ one B tile on Hopper); 128x256 and 256x128 hold too many accumulators."""
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    a_gpu(monkeypatch, conv, shared_memory=limit, capability=capability)
+    args, constexprs = kernel_arguments((256, 512, 28, 28), 512, 3, torch.float32, "tf32x3")
+    tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+             for c in conv._prune_configs(conv._TUNING_CONFIGS, dict(zip(conv._conv_kernel.arg_names, args)),
+                                          **constexprs)]
+    assert tiles == kept
+
+
+def test_pruning_asks_each_device_once_for_its_shared_memory_and_capability(monkeypatch):
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    asked = []
+
+    def properties(device):
+        asked.append(device)
+        if device.index == 0:
+            return SimpleNamespace(shared_memory_per_block_optin=166_912, major=8, minor=0)
+        return SimpleNamespace(shared_memory_per_block_optin=101_376, major=8, minor=9)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    conv._device_properties.cache_clear()
+    try:
+        found = [conv._shared_memory_and_arch(torch.device("cuda", i)) for i in (0, 1, 0)]
+    finally:
+        conv._device_properties.cache_clear()
+    assert found == [(166_912, 80), (101_376, 89), (166_912, 80)]
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
 # ResNet-50's layers at full size, on a GPU --------------------------------------------------------
 
 RESNET50_LAYERS = [
@@ -387,10 +559,11 @@ def test_every_tile_config_gpu(conv_case, dtype, monkeypatch):
     """Each config the autotuner may pick, launched on its own (the model tests run untuned)."""
     conv = importlib.import_module("fused_resnet.backends.triton.conv")
     args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(12))
-    cout, cin_g, r, s = args[1].shape
-    flat_k = r * s > 1 and cin_g % 16 != 0
-    m = out_shape[0] * out_shape[2] * out_shape[3]
-    configs = conv._fitting_configs(m, cout // args[7], conv._k_step(flat_k, r * s * cin_g, cin_g), args[0].element_size())
+    x, weight, bias, residual, stride, padding, dilation, groups, relu = args
+    out = torch.empty(out_shape, dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    arguments = conv.kernel_arguments(out, x, conv.gemm_weight(weight), bias, residual, stride, padding, dilation,
+                                      groups, relu, conv.input_precision(x))
+    configs = conv.fitting_configs(conv.named_arguments(*arguments), *conv._shared_memory_and_arch(x.device))
     assert configs
     for config in configs:
         monkeypatch.setattr(conv, "_kernel_and_meta", lambda *a, config=config: (conv._conv_kernel, conv._meta(config)))
@@ -409,3 +582,47 @@ def test_fp32_tf32_accuracy_gpu(conv_case, monkeypatch):
     args, out_shape = make_conv(conv_case, torch.float32, torch.Generator().manual_seed(13))
     out = run_backend(args, out_shape, torch.float32)
     assert relative_error(out, conv_bias_act(*args, dtype=torch.float64)) < 2e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_follow_the_tensors_to_the_second_gpu_gpu():
+    """cuda:0 current, tensors on cuda:1: the kernels must run on cuda:1 (the wrong device would
+    fault or leave the NaN-filled output unwritten)."""
+    from fused_resnet.backends.triton import library  # noqa: F401  (registers the ops)
+
+    args, out_shape = make_conv(BASIC_3X3, torch.float16, torch.Generator().manual_seed(15))
+    args = tuple(a.to("cuda:1") if isinstance(a, torch.Tensor) else a for a in args)
+    x, y = torch.randn(2, 3, 4, 5, device="cuda:1"), torch.randn(2, 3, 4, 5, device="cuda:1")
+    out = torch.full(out_shape, float("nan"), dtype=torch.float16, device="cuda:1")
+    out = out.contiguous(memory_format=torch.channels_last)
+    with torch.cuda.device(0):
+        triton_backend.conv2d_bias_act(out, *args)
+        op_out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
+        summed = torch.ops.fused_resnet_triton.add_relu(x, y)
+    torch.cuda.synchronize(1)
+    check_parity(out, *args)
+    check_parity(op_out, *args)
+    torch.testing.assert_close(summed, (x + y).relu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capturing_a_layer_not_yet_tuned_gpu(monkeypatch):
+    """A CUDA graph captured around a layer Triton's autotuner has not seen: the size rule's tile is
+    captured, the replay computes the layer, and the autotuner remembers nothing for it."""
+    conv = importlib.import_module("fused_resnet.backends.triton.conv")
+    monkeypatch.setattr(conv._conv_kernel_tuned, "cache", {})
+    args, out_shape = make_conv(BASIC_3X3, torch.float16, torch.Generator().manual_seed(16))
+    out = torch.empty(out_shape, dtype=torch.float16, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "0")
+    triton_backend.conv2d_bias_act(out, *args)  # compiles the size rule's kernel outside the capture
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_backend.conv2d_bias_act(out, *args)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_parity(out, *args)
+    assert conv._conv_kernel_tuned.cache == {}

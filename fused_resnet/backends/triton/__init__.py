@@ -3,6 +3,7 @@ elementwise add + ReLU (add_relu_kernel.py; not add_relu.py, which would shadow 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -22,6 +23,12 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
         return None
     return "Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before triton is imported"
+
+
+def on_device_of(t: torch.Tensor):
+    """Makes t's GPU the current device for a launch: Triton launches on the current device's
+    stream, so a tensor on another GPU than the current one would be read on the wrong device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # The kernel modules import triton, which may be missing: load them only once a call needs them.

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _interpreting
+from . import _interpreting, on_device_of
 
 
 @triton.jit
@@ -49,4 +49,5 @@ def add_relu(out, x, y, *, traceable=False) -> None:
     # The interpreter runs each program in Python: few large blocks are much faster there.
     block = min(triton.next_power_of_2(numel), 1 << 16) if _interpreting() else 1024
     kernel = torch.library.wrap_triton(_add_relu_kernel) if traceable else _add_relu_kernel
-    kernel[(triton.cdiv(numel, block),)](x, y, out, numel, BLOCK=block, num_warps=4)
+    with on_device_of(out):
+        kernel[(triton.cdiv(numel, block),)](x, y, out, numel, BLOCK=block, num_warps=4)

@@ -21,6 +21,7 @@ one large-block config is used (see _kernel_and_meta).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import OrderedDict
 
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from ... import autotune
 from ...validation import conv_output_size
-from . import _interpreting
+from . import _interpreting, on_device_of
 
 _INT32_MAX = 2**31 - 1
 # CUDA allows at most 65535 blocks along the second grid axis, which holds the groups.
@@ -180,9 +181,10 @@ def _k_step(flat_k: bool, k_total: int, cin_g: int) -> int:
     return k_total if flat_k else cin_g
 
 
-# Tiles for Hopper: 128x128/128x256 with 8 warps fill the wgmma units on large layers; the narrow
-# and short ones serve late layers (small M), grouped layers (small Cout per group) and batch 1.
-_SHARED_MEMORY_BYTES = 220 * 1024
+# Tiles for Hopper: 128x128 with 8 warps fills the wgmma units on large layers; the narrow and
+# short ones serve late layers (small M), grouped layers (small Cout per group) and batch 1.
+# 128x256 and 256x128 serve as 128x64 and 256x64 once shrunk to 64-channel layers: at full size
+# they hold 128 accumulators per thread, spill, and pruning drops them (_registers_fit).
 _TUNING_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
     for bm, bn, bk, warps, stages in (
@@ -202,9 +204,8 @@ _TUNING_CONFIGS = [
 ]
 
 
-def _fitting_configs(m, cout_g: int, k_step: int, element_size: int) -> list:
-    """The tuning configs shrunk to the problem (no 256-wide tile for 16 channels), without
-    duplicates and without tiles whose pipeline would not fit in shared memory (the smallest always fits).
+def shrunk_configs(m, cout_g: int, k_step: int) -> list:
+    """The tuning configs shrunk to the problem (no 256-wide tile for 16 channels), without duplicates.
 
     `m` (N * OH * OW) may be symbolic while torch.export or AOTInductor trace a dynamic batch: it
     then caps nothing, so that choosing the tiles never depends on (and never guards) the batch size.
@@ -217,8 +218,6 @@ def _fitting_configs(m, cout_g: int, k_step: int, element_size: int) -> list:
         bm = config.kwargs["BLOCK_M"] if m_cap is None else min(config.kwargs["BLOCK_M"], m_cap)
         bn = min(config.kwargs["BLOCK_N"], n_cap)
         bk = min(config.kwargs["BLOCK_K"], k_cap)
-        if config.num_stages * (bm + bn) * bk * element_size > _SHARED_MEMORY_BYTES:
-            continue
         warps = config.num_warps if bm * bn >= 128 * 64 else 4
         stages = config.num_stages
         kept.setdefault(
@@ -228,10 +227,51 @@ def _fitting_configs(m, cout_g: int, k_step: int, element_size: int) -> list:
     return list(kept.values())
 
 
+def shared_memory_estimate(config, element_size: int, precision: str, arch: int) -> int:
+    """Bytes of shared memory the compiled kernel needs for `config` on compute capability `arch`
+    (86 for 8.6), at most: tests/triton_static.py checks it against the compiled kernels' own figure.
+
+    The pipeline holds num_stages tiles of A and B (sm_80 often keeps one stage fewer, and the flat
+    K walk's gathered loads only one); tf32x3 on Hopper's wgmma keeps one more tile of B. The
+    epilogue may stage the fp32 accumulator through shared memory instead (not at the same time).
+    """
+    block_m, block_n, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    tiles = config.num_stages * (block_m + block_n) + (block_n if precision == "tf32x3" and arch >= 90 else 0)
+    return max(tiles * block_k * element_size, block_m * block_n * 4)
+
+
+def _registers_fit(config, flat_k: bool) -> bool:
+    """Whether ptxas can keep the tile in registers: per thread, at most 64 fp32 accumulator values,
+    and with the flat K walk (an address and a mask computed per element of the A tile) at most 32
+    elements of the A tile. Bigger tiles spill (tests/triton_static.py finds spills in fp16 on sm_80
+    and sm_90a: 128x256 on 1x1 layers, 128x16x64 on ResNeXt's grouped 3x3)."""
+    threads = 32 * config.num_warps
+    block_m, block_n, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    return block_m * block_n <= 64 * threads and (not flat_k or block_m * block_k <= 32 * threads)
+
+
+def fitting_configs(named: dict, limit: int, arch: int) -> list:
+    """The configs for the kernel's named arguments: shrunk to the problem, kept in registers, and
+    within `limit` bytes of shared memory on compute capability `arch` (the smallest tile always
+    stays: it is the kernel's fallback)."""
+    configs = shrunk_configs(*problem_size(named))
+    element_size, precision = named["x_ptr"].element_size(), named["INPUT_PRECISION"]
+    fitting = [c for c in configs if _registers_fit(c, named["FLAT_K"])
+               and shared_memory_estimate(c, element_size, precision, arch) <= limit]
+    return fitting or configs[-1:]
+
+
+def named_arguments(args: tuple, constexprs: dict) -> dict:
+    return {**dict(zip(_conv_kernel.arg_names, args)), **constexprs}
+
+
+def problem_size(named: dict) -> tuple:
+    """(M, Cout per group, K columns per loop step) of a launch, from the kernel's named arguments."""
+    return named["M"], named["COUT_G"], _k_step(named["FLAT_K"], named["K_TOTAL"], named["CIN_G"])
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    k_step = _k_step(args["FLAT_K"], args["K_TOTAL"], args["CIN_G"])
-    return _fitting_configs(args["M"], args["COUT_G"], k_step, args["x_ptr"].element_size())
+    return fitting_configs({**named_args, **kwargs}, *_shared_memory_and_arch(named_args["x_ptr"].device))
 
 
 _conv_kernel_tuned = triton.autotune(
@@ -248,11 +288,24 @@ def _meta(config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
+@functools.cache
+def _device_properties(device: torch.device):
+    return torch.cuda.get_device_properties(device)
+
+
+def _shared_memory_and_arch(device: torch.device) -> tuple[int, int]:
+    """What pruning needs to know of the device: the bytes of shared memory one program may use (what
+    the driver grants on opt-in, the limit Triton checks when it loads a kernel: 163 KB on A100, 99 KB
+    on sm_86/89, 227 KB on H100) and the compute capability as a number (86 for 8.6)."""
+    properties = _device_properties(device)
+    return properties.shared_memory_per_block_optin, properties.major * 10 + properties.minor
+
+
 def _untuned_config(configs: list, m, cout_g: int, groups: int, device: torch.device):
     """Without measurement: the largest tile that still gives every SM a program (else the smallest)."""
     if not isinstance(m, int):
         return configs[0]
-    programs_wanted = torch.cuda.get_device_properties(device).multi_processor_count
+    programs_wanted = _device_properties(device).multi_processor_count
     for config in configs:
         programs = triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(cout_g, config.kwargs["BLOCK_N"]) * groups
         if programs >= programs_wanted:
@@ -260,15 +313,25 @@ def _untuned_config(configs: list, m, cout_g: int, groups: int, device: torch.de
     return configs[-1]
 
 
-def _kernel_and_meta(x: torch.Tensor, m, cout_g: int, k_step: int, groups: int):
-    """The kernel to launch and the meta-parameters the call must pass.
+def _tuning_key(named: dict) -> tuple:
+    """The key under which Triton's autotuner stores the config it chose for these arguments."""
+    tensors = [v for name, v in named.items() if name in _conv_kernel.arg_names and hasattr(v, "dtype")]
+    return (*(named[name] for name in _conv_kernel_tuned.keys), *(str(t.dtype) for t in tensors))
+
+
+def _kernel_and_meta(x: torch.Tensor, named: dict, groups: int):
+    """The kernel to launch and the meta-parameters the call must pass, for the kernel's named arguments.
 
     On a GPU the autotuner times the configs that fit the layer, once per layer shape and dtype;
     with FUSED_RESNET_AUTOTUNE=0 nothing is timed and a size rule picks the tile (_untuned_config).
+    While a CUDA graph is captured nothing may be timed (timing synchronises, which breaks the
+    capture): a layer the autotuner has not seen yet gets the size rule's tile, and the autotuner's
+    memory stays empty for it, so that it is tuned on its first call outside a capture.
     Under TRITON_INTERPRET=1 every program runs in Python, so benchmarking configs would take
     minutes and means nothing: use one config, with blocks as large as the problem allows
     (fewer programs and loop steps), capped so that the tests still cross tile boundaries.
     """
+    m, cout_g, k_step = problem_size(named)
     if _interpreting():
         meta = {
             "BLOCK_M": min(_pow2_at_least(m), 64),
@@ -278,10 +341,14 @@ def _kernel_and_meta(x: torch.Tensor, m, cout_g: int, k_step: int, groups: int):
             "num_stages": 1,
         }
         return _conv_kernel, meta
-    if not autotune.enabled():
-        configs = _fitting_configs(m, cout_g, k_step, x.element_size())
-        return _conv_kernel, _meta(_untuned_config(configs, m, cout_g, groups, x.device))
-    return _conv_kernel_tuned, {}
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if autotune.enabled() and not capturing:
+        return _conv_kernel_tuned, {}
+    tuned = _conv_kernel_tuned.cache.get(_tuning_key(named)) if capturing else None
+    if tuned is not None:
+        return _conv_kernel, _meta(tuned)
+    configs = fitting_configs(named, *_shared_memory_and_arch(x.device))
+    return _conv_kernel, _meta(_untuned_config(configs, m, cout_g, groups, x.device))
 
 
 # Arranged weights, for weights that are not channels_last already (see gemm_weight).
@@ -349,47 +416,26 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     launch(out, x, gemm_weight(weight), bias, residual, stride, padding, dilation, groups, relu)
 
 
-def launch(out, x, w, bias, residual, stride, padding, dilation, groups, relu, *, traceable=False) -> None:
-    """Runs the kernel: `x` channels_last, `w` the weight as gemm_weight arranges it, `out` channels_last.
-
-    traceable: launch through torch.library.wrap_triton, so that torch.compile, torch.export and
-    AOTInductor record the kernel itself in their graph (see library.py); a plain launch otherwise.
-    """
+def kernel_arguments(out, x, w, bias, residual, stride, padding, dilation, groups, relu, precision):
+    """The kernel's positional arguments and its constexpr keyword arguments (all but the tile
+    meta-parameters) for one layer: what a launch passes, and what the static checks compile with."""
     n, c, h, wid = x.shape
     cout, r, s, cin_g = w.shape
     oh, ow = out.shape[2], out.shape[3]
-    m = n * oh * ow
-    cout_g = cout // groups
-    plain_gemm = r == 1 and s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
-    # The tap-by-tap loop pads each step's channels up to BLOCK_K (>= 16); with fewer channels
-    # per group than that, a flat walk over all of K wastes less of each tensor-core step.
-    flat_k = r * s > 1 and cin_g % 16 != 0
-    tf32 = use_tf32(x)
-    # fp32 on tensor cores takes three TF32 products per step (big*big + big*small + small*big,
-    # "tf32x3"), which keeps fp32 accuracy: plain TF32 would be as accurate as eager only where cuDNN
-    # itself picks a TF32 algorithm, and it does not for every layer (small or grouped ones).
-    precision = "tf32" if x.dtype != torch.float32 else ("tf32x3" if tf32 else "ieee")
-    kernel, meta = _kernel_and_meta(x, m, cout_g, _k_step(flat_k, r * s * cin_g, cin_g), groups)
-    if traceable:
-        kernel = torch.library.wrap_triton(kernel)
-
-    def grid(config):
-        return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cout_g, config["BLOCK_N"]), groups)
-
-    kernel[grid](
+    args = (
         x,
         w,
         x if bias is None else bias,
         x if residual is None else residual,
         out,
-        m,
+        n * oh * ow,
         h,
         wid,
         c,
         oh,
         ow,
         cin_g,
-        cout_g,
+        cout // groups,
         r * s * cin_g,
         stride[0],
         stride[1],
@@ -400,15 +446,53 @@ def launch(out, x, w, bias, residual, stride, padding, dilation, groups, relu, *
         0 if bias is None else bias.stride(0),
         *((0, 0, 0, 0) if residual is None else residual.stride()),
         *out.stride(),
+    )
+    constexprs = dict(
         KERNEL_H=r,
         KERNEL_W=s,
-        PLAIN_GEMM=plain_gemm,
-        FLAT_K=flat_k,
+        PLAIN_GEMM=r == 1 and s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0),
+        # The tap-by-tap loop pads each step's channels up to BLOCK_K (>= 16); with fewer channels
+        # per group than that, a flat walk over all of K wastes less of each tensor-core step.
+        FLAT_K=r * s > 1 and cin_g % 16 != 0,
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         RELU=relu,
         UPCAST=_interpreting() and x.dtype == torch.bfloat16,
         INPUT_PRECISION=precision,
         GROUP_M=8,
-        **meta,
     )
+    return args, constexprs
+
+
+def input_precision(x: torch.Tensor) -> str:
+    """tl.dot's input precision for x's dtype.
+
+    fp32 on tensor cores takes three TF32 products per step (big*big + big*small + small*big,
+    "tf32x3"), which keeps fp32 accuracy: plain TF32 would be as accurate as eager only where cuDNN
+    itself picks a TF32 algorithm, and it does not for every layer (small or grouped ones).
+    """
+    if x.dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    return "tf32x3" if use_tf32(x) else "ieee"
+
+
+def launch(out, x, w, bias, residual, stride, padding, dilation, groups, relu, *, traceable=False) -> None:
+    """Runs the kernel: `x` channels_last, `w` the weight as gemm_weight arranges it, `out` channels_last.
+
+    traceable: launch through torch.library.wrap_triton, so that torch.compile, torch.export and
+    AOTInductor record the kernel itself in their graph (see library.py); a plain launch otherwise.
+    """
+    args, constexprs = kernel_arguments(out, x, w, bias, residual, stride, padding, dilation, groups, relu,
+                                        input_precision(x))
+    named = named_arguments(args, constexprs)
+    m, cout_g = named["M"], named["COUT_G"]
+
+    def grid(config):
+        return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cout_g, config["BLOCK_N"]), groups)
+
+    # The capture check, the autotuner's timing and the launch all act on the current device.
+    with on_device_of(x):
+        kernel, meta = _kernel_and_meta(x, named, groups)
+        if traceable:
+            kernel = torch.library.wrap_triton(kernel)
+        kernel[grid](*args, **constexprs, **meta)
