@@ -37,15 +37,22 @@ def _swap_blocks(module: nn.Module, backend: str, dtype, fused: dict[int, tuple]
     return count
 
 
-def fuse(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None) -> nn.Module:
+def fuse(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None, verify: bool = False) -> nn.Module:
     """A new module computing `model`'s eval-mode function with fused conv + BN + ReLU (+ residual) ops.
 
     A torchvision ResNet becomes a FusedResNet (stem, blocks and shortcuts fused). Any other module tree
     is copied with each torchvision BasicBlock / Bottleneck replaced by its fused twin, the rest unchanged.
     `backend` ("auto", "torch", "triton", "cuda") is used by every fused conv; `dtype` casts the result.
+    `verify` checks a named backend's result for each layer, on its first call, against the reference
+    backend (parity rule); a layer that fails runs on the reference, with a warning. "auto" always
+    checks its candidates on a GPU. FUSED_RESNET_VERIFY=1 verifies every named backend.
     The returned module is in eval mode; the input model is left untouched.
     """
     backends.check_name(backend)
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {verify!r}")
+    if verify:
+        backend = backends.verified(backend)
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"dtype must be a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
     if _is_plain_resnet(model):

@@ -17,7 +17,7 @@ def tuner(tmp_path, monkeypatch):
     times = {"slow": 2.0, "fast": 1.0, "middle": 1.5}
     calls = []
 
-    def median_ms(run):
+    def median_ms(run, device):
         name = run()
         calls.append(name)
         return times[name]
@@ -35,7 +35,7 @@ def test_fastest_candidate_is_chosen_and_stored(tuner, tmp_path):
     assert autotune.choose(device, "layer A", _candidates("slow", "fast", "middle")) == "fast"
     assert sorted(tuner) == ["fast", "middle", "slow"]
     stored = json.loads((tmp_path / "autotune.json").read_text())
-    assert stored == {"test GPU | versions": {"layer A": "fast"}}
+    assert stored == {"test GPU | versions": {"layer A": {"choice": "fast", "rejected": {}}}}
 
 
 def test_choice_is_reused_without_measuring_again_even_after_reload(tuner):
@@ -98,7 +98,7 @@ def test_cuda_backend_measures_its_kernels_once_per_layer(tuner, monkeypatch):
     monkeypatch.setattr(cuda, "_launch", lambda out, *args: launched.append(args[-1]))
     times = {-1: 3.0, 0: 2.0, 1: 1.0, 2: 0.5}  # by config index; -1 is the C++ heuristic
 
-    def median_ms(run):
+    def median_ms(run, device):
         run()
         return times[launched[-1]]
 
@@ -121,7 +121,7 @@ def test_cuda_backend_measures_its_kernels_once_per_layer(tuner, monkeypatch):
     conv(3)  # the stem: every kernel serves it
     assert launched == [-1, 0, 1, 2, 2]
     choices = json.loads(autotune.cache_file().read_text())["test GPU | versions"]
-    assert sorted(choices.values()) == ["few_channels_stem", "optimized_small"]  # stored by name
+    assert sorted(c["choice"] for c in choices.values()) == ["few_channels_stem", "optimized_small"]  # stored by name
     monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "0")
     monkeypatch.setattr(cuda, "_config_choice", {})
     launched.clear()

@@ -24,7 +24,9 @@ Every backend module exposes the same five names, so the op layer can treat them
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -32,7 +34,7 @@ from types import ModuleType
 
 import torch
 
-from .. import autotune
+from .. import autotune, self_check
 
 NAMES = ("cuda", "triton", "cudnn", "torch")
 
@@ -74,7 +76,30 @@ def get(name: str) -> ModuleType:
     return module
 
 
+# A `backend` argument of the ops that starts with this runs the named backend with its result checked
+# against the reference on each layer's first call (see verified()).
+_VERIFIED = "verified:"
+
+
+def verified(name: str) -> str:
+    """The `backend` argument that runs backend `name` with each layer's first result checked against
+    the reference backend under the parity rule; a layer whose result fails (or raises) is computed
+    by the reference from then on, with a warning. "auto" checks its candidates anyway, and the
+    reference needs no check: those names are returned as they are."""
+    return name if name in ("auto", "torch") or name.startswith(_VERIFIED) else _VERIFIED + name
+
+
+def _parse(name: str) -> tuple[str, bool]:
+    """A `backend` argument as (backend name, whether its results are verified).
+
+    FUSED_RESNET_VERIFY=1 verifies every named backend, read on each call."""
+    if name.startswith(_VERIFIED):
+        return name.removeprefix(_VERIFIED), True
+    return name, os.environ.get("FUSED_RESNET_VERIFY", "0") == "1"
+
+
 def check_name(name: str) -> None:
+    name = _parse(name)[0]
     if name != "auto":
         get(name)
 
@@ -128,39 +153,89 @@ def _select(name: str, device: torch.device, what: str, reason_of, tune=None) ->
     return reference
 
 
-# backend="auto" on a GPU: the backend measured fastest for each layer, by a cheap hashable key, so
-# that after the first call a layer's backend is one dict lookup away.
-_auto_choice: dict[tuple, ModuleType] = {}
+# Device types on which backend="auto" measures and checks its candidates per layer; elsewhere it
+# takes the first that serves the case.
+MEASURED_DEVICE_TYPES = ("cuda",)
+
+# The backend chosen under a check for each layer (backend="auto", or a verified named backend), by
+# a cheap hashable key, so that after the first call a layer's backend is one dict lookup away.
+_checked_choice: dict[tuple, ModuleType] = {}
 
 
-def _measure(key: tuple, run) -> Callable[[list[ModuleType]], ModuleType]:
-    """A `tune` for _select: times `run(backend)` for each candidate (autotune keeps it on disk)."""
+def _select_checked(name: str, layer, device: torch.device, what: str, reason_of, run, disagreement) -> ModuleType:
+    """_select, with the backend's result checked against the reference on the layer's first call.
 
-    def tune(candidates: list[ModuleType]) -> ModuleType:
-        runs = {b.NAME: (lambda b=b: run(b)) for b in candidates}
-        return get(autotune.choose(key[1], " ".join(map(str, key)), runs))
+    `layer()` is the layer's key (built only where a check applies, it would cost on every call);
+    `run(backend, poisoned)` computes the layer into a new output, NaN-filled first if `poisoned` (an
+    element a kernel forgets to write then fails the check), and returns it; `disagreement(output)` says
+    why an output is wrong (None when right). backend="auto" on a GPU runs, checks and times each
+    candidate (autotune.choose, which keeps choices and exclusions on disk); a verified named backend
+    is run and checked, and replaced by the reference for the layer if it fails.
+    """
+    def check(candidate: str) -> str | None:
+        return disagreement(run(get(candidate), True))
 
-    return tune
+    name, verify = _parse(name)
+    if name == "auto" and device.type in MEASURED_DEVICE_TYPES:
+        key = layer()
+
+        def tune(candidates: list[ModuleType]) -> ModuleType:
+            runs = {b.NAME: functools.partial(run, b, False) for b in candidates}
+            return get(autotune.choose(device, " ".join(map(str, key)), runs, check))
+
+        return autotune.remember(_checked_choice, key, device, lambda: _select(name, device, what, reason_of, tune))
+    backend = _select(name, device, what, reason_of)
+    if not verify or backend is get("torch"):
+        return backend
+
+    def verify_once() -> ModuleType:
+        runs = {backend.NAME: functools.partial(run, backend, False), "torch": functools.partial(run, get("torch"), False)}
+        return get(autotune.choose(device, " ".join(map(str, key)), runs, check, measure=False))
+
+    key = (name, *layer())
+    return autotune.remember(_checked_choice, key, device, verify_once)
+
+
+def _scratch(like: torch.Tensor, poisoned: bool) -> torch.Tensor:
+    scratch = torch.empty_like(like)
+    return scratch.fill_(float("nan")) if poisoned else scratch
 
 
 def select_conv(name, x, weight, bias, residual, stride, padding, dilation, groups, relu=True, out=None) -> ModuleType:
     def reason_of(b):
         return b.conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
 
-    if name != "auto" or x.device.type != "cuda" or out is None:
-        return _select(name, x.device, "convolution", reason_of)
-    key = (
-        "conv2d_bias_act", x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(),
-        bias is not None, None if residual is None else residual.stride(),
-        tuple(stride), tuple(padding), tuple(dilation), groups, relu,
-    )  # fmt: skip
-    def run(b):
-        return b.conv2d_bias_act(torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    if out is None:
+        return _select(_parse(name)[0], x.device, "convolution", reason_of)
 
-    return autotune.remember(
-        _auto_choice, key, x.device, lambda: _select(name, x.device, "convolution", reason_of, _measure(key, run))
-    )
+    def layer():
+        return (
+            "conv2d_bias_act", x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(),
+            bias is not None, None if residual is None else residual.stride(),
+            tuple(stride), tuple(padding), tuple(dilation), groups, relu,
+        )  # fmt: skip
+
+    def run(b, poisoned):
+        scratch = _scratch(out, poisoned)
+        result = b.conv2d_bias_act(scratch, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        return scratch if result is None else result
+
+    def disagreement(output):
+        return self_check.conv_disagreement(output, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+    return _select_checked(name, layer, x.device, "convolution", reason_of, run, disagreement)
 
 
 def select_add_relu(name, x, y) -> ModuleType:
-    return _select(name, x.device, "add_relu", lambda b: b.add_relu_unsupported_reason(x, y))
+    def layer():
+        return ("add_relu", x.device, x.dtype, x.shape, x.stride(), y.stride())
+
+    def run(b, poisoned):
+        scratch = _scratch(x, poisoned)
+        b.add_relu(scratch, x, y)
+        return scratch
+
+    def disagreement(output):
+        return self_check.add_relu_disagreement(output, x, y)
+
+    return _select_checked(name, layer, x.device, "add_relu", lambda b: b.add_relu_unsupported_reason(x, y), run, disagreement)
