@@ -153,3 +153,33 @@ def test_cuda_backend_offers_each_kernel_family_only_where_it_serves(monkeypatch
     assert serving(64) == ["optimized_a"]  # sm_90a code runs on compute capability 9.0 only
     capability[0] = (10, 0)
     assert serving(64) == ["optimized_a"]
+
+
+def test_a_candidate_that_raises_is_excluded_with_one_warning(tuner, tmp_path):
+    def no_kernel_image():
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    candidates = {"broken": no_kernel_image, **_candidates("slow", "fast")}
+    with pytest.warns(UserWarning, match=r"backend 'broken' excluded for layer \[layer F\]: RuntimeError: CUDA error: no kernel image"):
+        assert autotune.choose(torch.device("cpu"), "layer F", candidates) == "fast"
+    stored = json.loads((tmp_path / "autotune.json").read_text())["test GPU | versions"]["layer F"]
+    assert stored["choice"] == "fast" and list(stored["rejected"]) == ["broken"]
+
+
+def test_candidates_run_and_are_timed_on_the_layer_device(tuner, monkeypatch, current_cuda_device):
+    """A layer on cuda:1 while cuda:0 is current: every run and every timing happens with cuda:1 current
+    (CUDA events and launches that follow the current device would otherwise measure cuda:0)."""
+    current = current_cuda_device
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    seen = []
+
+    def median_ms(run, device):
+        seen.append((run(), device, current.current))
+        return len(seen)
+
+    monkeypatch.setattr(autotune, "_median_ms", median_ms)
+    layer_device = torch.device("cuda", 1)
+    candidates = {name: (lambda name=name: (name, current.current)) for name in ("a", "b")}
+    assert autotune.choose(layer_device, "layer G", candidates) == "a"
+    assert seen == [(("a", layer_device), layer_device, layer_device), (("b", layer_device), layer_device, layer_device)]
+    assert current.current == torch.device("cuda", 0)  # restored
