@@ -43,9 +43,9 @@ def fuse(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = No
     A torchvision ResNet becomes a FusedResNet (stem, blocks and shortcuts fused). Any other module tree
     is copied with each torchvision BasicBlock / Bottleneck replaced by its fused twin, the rest unchanged.
     `backend` ("auto", "torch", "triton", "cuda") is used by every fused conv; `dtype` casts the result.
-    `verify` checks a named backend's result for each layer, on its first call, against the reference
-    backend (parity rule); a layer that fails runs on the reference, with a warning. "auto" always
-    checks its candidates on a GPU. FUSED_RESNET_VERIFY=1 verifies every named backend.
+    `verify` checks the backend's result for each layer, on its first call, against the reference
+    backend (parity rule); a layer that fails runs on the reference, with a warning ("auto" on a GPU
+    checks every candidate anyway). FUSED_RESNET_VERIFY=1 verifies every backend, without `verify`.
     The returned module is in eval mode; the input model is left untouched.
     """
     backends.check_name(backend)

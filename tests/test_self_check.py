@@ -244,11 +244,11 @@ def test_verify_by_environment_variable(stubs, generator, monkeypatch):
     torch.testing.assert_close(out, _expected(*args))
 
 
-def test_verify_is_a_bool_and_auto_or_the_reference_stay_as_they_are():
+def test_verify_is_a_bool_and_the_reference_is_not_verified():
     block = BasicBlock(4, 4).eval()
     with pytest.raises(TypeError, match="verify must be a bool"):
         fr.fuse(block, verify="yes")
-    assert fr.fuse(block, backend="auto", verify=True).conv1.backend == "auto"
+    assert fr.fuse(block, backend="auto", verify=True).conv1.backend == "verified:auto"
     assert fr.fuse(block, backend="torch", verify=True).conv1.backend == "torch"
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         fr.fuse(block, backend="nope", verify=True)
@@ -319,3 +319,14 @@ def test_auto_measures_and_checks_on_the_second_gpu(tmp_path, monkeypatch, gener
     (choices,) = json.loads(autotune.cache_file().read_text()).values()
     assert choices and all(c["rejected"] == {} for c in choices.values())
     assert self_check.conv_disagreement(out, *args, [2, 2], [1, 1], [1, 1], 1, True) is None
+
+
+def test_verified_auto_checks_the_backend_it_takes_where_it_does_not_measure(stubs, generator, monkeypatch):
+    """On a device where "auto" takes the first serving backend without measuring (the CPU), a verified
+    "auto" checks that backend like a named one."""
+    monkeypatch.setattr(backends, "MEASURED_DEVICE_TYPES", ("cuda",))
+    args = _conv_args(generator)
+    with exclusions() as excluded:
+        out = _conv(*args, backend=backends.verified("auto"))
+    assert warned_once_each(excluded) == ["raising"]  # the first in auto's order; then the reference
+    torch.testing.assert_close(out, _expected(*args))

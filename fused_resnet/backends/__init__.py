@@ -84,9 +84,9 @@ _VERIFIED = "verified:"
 def verified(name: str) -> str:
     """The `backend` argument that runs backend `name` with each layer's first result checked against
     the reference backend under the parity rule; a layer whose result fails (or raises) is computed
-    by the reference from then on, with a warning. "auto" checks its candidates anyway, and the
-    reference needs no check: those names are returned as they are."""
-    return name if name in ("auto", "torch") or name.startswith(_VERIFIED) else _VERIFIED + name
+    by the reference from then on, with a warning. For "auto", the backend it takes where it does not
+    measure (on a GPU it checks every candidate anyway). The reference needs no check."""
+    return name if name == "torch" or name.startswith(_VERIFIED) else _VERIFIED + name
 
 
 def _parse(name: str) -> tuple[str, bool]:
@@ -188,11 +188,12 @@ def _select_checked(name: str, layer, device: torch.device, what: str, reason_of
     if not verify or backend is get("torch"):
         return backend
 
+    key = (name, *layer())
+
     def verify_once() -> ModuleType:
-        runs = {backend.NAME: functools.partial(run, backend, False), "torch": functools.partial(run, get("torch"), False)}
+        runs = {b.NAME: functools.partial(run, b, False) for b in (backend, get("torch"))}
         return get(autotune.choose(device, " ".join(map(str, key)), runs, check, measure=False))
 
-    key = (name, *layer())
     return autotune.remember(_checked_choice, key, device, verify_once)
 
 
@@ -238,4 +239,7 @@ def select_add_relu(name, x, y) -> ModuleType:
     def disagreement(output):
         return self_check.add_relu_disagreement(output, x, y)
 
-    return _select_checked(name, layer, x.device, "add_relu", lambda b: b.add_relu_unsupported_reason(x, y), run, disagreement)
+    def reason_of(b):
+        return b.add_relu_unsupported_reason(x, y)
+
+    return _select_checked(name, layer, x.device, "add_relu", reason_of, run, disagreement)
