@@ -10,6 +10,7 @@ bound is eager's error on this very layer, not a tolerance guessed in advance.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -19,29 +20,39 @@ from .backends import reference
 from .parity import parity
 
 
-def _disagreement(output: Tensor, compute: Callable[..., Tensor], *inputs: Tensor | None) -> str | None:
-    """Why `output` fails the parity rule against `compute(*inputs)` (None when it passes)."""
-    eager = compute(*inputs)
-    exact = compute(*(None if t is None else t.to(torch.float64) for t in inputs))
-    result = parity(output, eager, exact)
-    return None if result.ok else f"disagrees with the reference: {result}"
+def _checker(compute: Callable[..., Tensor], inputs: tuple[Tensor | None, ...]) -> Callable[[Tensor], str | None]:
+    """A function saying why an output standing for `compute(*inputs)` is wrong (None when it passes).
+
+    Both references are computed on its first call and kept for the next (one per candidate backend).
+    """
+
+    @functools.cache
+    def references() -> tuple[Tensor, Tensor]:
+        eager = compute(*inputs)
+        return eager, compute(*(None if t is None else t.to(torch.float64) for t in inputs))
+
+    def disagreement(output: Tensor) -> str | None:
+        result = parity(output, *references())
+        return None if result.ok else f"disagrees with the reference: {result}"
+
+    return disagreement
 
 
-def conv_disagreement(output, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> str | None:
-    """Why `output`, one backend's conv2d_bias_act of these arguments, is wrong (None when it is right)."""
+def conv_checker(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Callable[[Tensor], str | None]:
+    """The check of a conv2d_bias_act output for these arguments."""
 
     def compute(x, weight, bias, residual):
         return reference.conv2d_bias_act(None, x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
-    return _disagreement(output, compute, x, weight, bias, residual)
+    return _checker(compute, (x, weight, bias, residual))
 
 
-def add_relu_disagreement(output, x, y) -> str | None:
-    """Why `output`, one backend's add_relu(x, y), is wrong (None when it is right)."""
+def add_relu_checker(x, y) -> Callable[[Tensor], str | None]:
+    """The check of an add_relu(x, y) output."""
 
     def compute(x, y):
         out = torch.empty_like(x)
         reference.add_relu(out, x, y)
         return out
 
-    return _disagreement(output, compute, x, y)
+    return _checker(compute, (x, y))

@@ -277,14 +277,15 @@ def test_check_bound_is_eager_error_on_the_layer(generator, dtype):
     args = (x, weight, bias, residual, [2, 2], [1, 1], [1, 1], 1, True)
     exact = reference.conv2d_bias_act(None, *(t.double() for t in args[:4]), *args[4:])
     eager = reference.conv2d_bias_act(None, *args)
-    assert self_check.conv_disagreement(exact.to(dtype), *args) is None
-    assert self_check.conv_disagreement(eager, *args) is None
+    check = self_check.conv_checker(*args)
+    assert check(exact.to(dtype)) is None
+    assert check(eager) is None
     eager_error = (eager.double() - exact).abs().max() / exact.abs().max()
     off = exact + exact.abs().max() * (4 * eager_error + 2 * FLOORS[dtype])
-    assert "FAIL" in self_check.conv_disagreement(off.to(dtype), *args)
+    assert "FAIL" in check(off.to(dtype))
     poisoned = exact.to(dtype)
     poisoned[0, 0, 0, 0] = float("nan")
-    assert "FAIL" in self_check.conv_disagreement(poisoned, *args)
+    assert "FAIL" in check(poisoned)
 
 
 @pytest.mark.gpu
@@ -318,7 +319,7 @@ def test_auto_measures_and_checks_on_the_second_gpu(tmp_path, monkeypatch, gener
     assert excluded == {}
     (choices,) = json.loads(autotune.cache_file().read_text()).values()
     assert choices and all(c["rejected"] == {} for c in choices.values())
-    assert self_check.conv_disagreement(out, *args, [2, 2], [1, 1], [1, 1], 1, True) is None
+    assert self_check.conv_checker(*args, [2, 2], [1, 1], [1, 1], 1, True)(out) is None
 
 
 def test_verified_auto_checks_the_backend_it_takes_where_it_does_not_measure(stubs, generator, monkeypatch):
@@ -330,3 +331,22 @@ def test_verified_auto_checks_the_backend_it_takes_where_it_does_not_measure(stu
         out = _conv(*args, backend=backends.verified("auto"))
     assert warned_once_each(excluded) == ["raising"]  # the first in auto's order; then the reference
     torch.testing.assert_close(out, _expected(*args))
+
+
+def test_a_check_that_cannot_run_leaves_the_layer_to_the_reference(stubs, generator, monkeypatch):
+    """The reference is never checked (it is what the others are checked against): when the check
+    itself fails, say out of memory for its float64 copy, the layer still runs, on the reference."""
+
+    def out_of_memory(*args):
+        def check(output):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.60 GiB")
+
+        return check
+
+    monkeypatch.setattr(self_check, "conv_checker", out_of_memory)
+    args = _conv_args(generator)
+    with exclusions() as excluded:
+        out = _conv(*args, backend="auto")
+    assert warned_once_each(excluded) == ["raising", "right", "unwritten", "wrong"]
+    assert "OutOfMemoryError" in excluded["right"][0]
+    assert torch.equal(out, reference.conv2d_bias_act(None, *args, [2, 2], [1, 1], [1, 1], 1, True))

@@ -162,25 +162,30 @@ MEASURED_DEVICE_TYPES = ("cuda",)
 _checked_choice: dict[tuple, ModuleType] = {}
 
 
-def _select_checked(name: str, layer, device: torch.device, what: str, reason_of, run, disagreement) -> ModuleType:
+def _check(run, disagreement, candidate: str) -> str | None:
+    """Why backend `candidate`'s output for a layer is wrong (None when it is right)."""
+    if candidate == "torch":
+        return None  # the reference itself, what the others are checked against
+    return disagreement(run(get(candidate), True))
+
+
+def _select_checked(name: str, layer, device: torch.device, what: str, reason_of, run, checker) -> ModuleType:
     """_select, with the backend's result checked against the reference on the layer's first call.
 
-    `layer()` is the layer's key (built only where a check applies, it would cost on every call);
-    `run(backend, poisoned)` computes the layer into a new output, NaN-filled first if `poisoned` (an
-    element a kernel forgets to write then fails the check), and returns it; `disagreement(output)` says
-    why an output is wrong (None when right). backend="auto" on a GPU runs, checks and times each
-    candidate (autotune.choose, which keeps choices and exclusions on disk); a verified named backend
-    is run and checked, and replaced by the reference for the layer if it fails.
+    `layer()` is the layer's key and `checker()` makes the check (fused_resnet.self_check), both only
+    where a check applies: they would cost on every call. `run(backend, poisoned)` computes the layer
+    into a new output, NaN-filled first if `poisoned` (an element a kernel forgets to write then fails
+    the check), and returns it. backend="auto" on a GPU runs, checks and times each candidate
+    (autotune.choose, which keeps choices and exclusions on disk); a verified backend is run and
+    checked, and replaced by the reference for the layer if it fails.
     """
-    def check(candidate: str) -> str | None:
-        return disagreement(run(get(candidate), True))
-
     name, verify = _parse(name)
     if name == "auto" and device.type in MEASURED_DEVICE_TYPES:
         key = layer()
 
         def tune(candidates: list[ModuleType]) -> ModuleType:
             runs = {b.NAME: functools.partial(run, b, False) for b in candidates}
+            check = functools.partial(_check, run, checker())
             return get(autotune.choose(device, " ".join(map(str, key)), runs, check))
 
         return autotune.remember(_checked_choice, key, device, lambda: _select(name, device, what, reason_of, tune))
@@ -192,6 +197,7 @@ def _select_checked(name: str, layer, device: torch.device, what: str, reason_of
 
     def verify_once() -> ModuleType:
         runs = {b.NAME: functools.partial(run, b, False) for b in (backend, get("torch"))}
+        check = functools.partial(_check, run, checker())
         return get(autotune.choose(device, " ".join(map(str, key)), runs, check, measure=False))
 
     return autotune.remember(_checked_choice, key, device, verify_once)
@@ -221,10 +227,10 @@ def select_conv(name, x, weight, bias, residual, stride, padding, dilation, grou
         result = b.conv2d_bias_act(scratch, x, weight, bias, residual, stride, padding, dilation, groups, relu)
         return scratch if result is None else result
 
-    def disagreement(output):
-        return self_check.conv_disagreement(output, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    def checker():
+        return self_check.conv_checker(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
-    return _select_checked(name, layer, x.device, "convolution", reason_of, run, disagreement)
+    return _select_checked(name, layer, x.device, "convolution", reason_of, run, checker)
 
 
 def select_add_relu(name, x, y) -> ModuleType:
@@ -236,10 +242,10 @@ def select_add_relu(name, x, y) -> ModuleType:
         b.add_relu(scratch, x, y)
         return scratch
 
-    def disagreement(output):
-        return self_check.add_relu_disagreement(output, x, y)
+    def checker():
+        return self_check.add_relu_checker(x, y)
 
     def reason_of(b):
         return b.add_relu_unsupported_reason(x, y)
 
-    return _select_checked(name, layer, x.device, "add_relu", reason_of, run, disagreement)
+    return _select_checked(name, layer, x.device, "add_relu", reason_of, run, checker)
