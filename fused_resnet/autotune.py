@@ -26,8 +26,8 @@ import torch
 from .timing import time_ms
 
 _lock = threading.RLock()
-# layer key -> {"choice": name, "rejected": {name: why}}, for this machine's environment
-_choices: dict[str, dict] | None = None
+# environment (environment_key: one per GPU model) -> layer key -> {"choice": name, "rejected": {name: why}}
+_choices: dict[str, dict[str, dict]] = {}
 _warned: set[tuple[str, str]] = set()  # (layer key, candidate) excluded and warned about
 _progress = None
 
@@ -66,15 +66,16 @@ def layer_key(op: str, tensors, *args) -> str:
 
 
 def _load(device: torch.device) -> dict[str, dict]:
-    global _choices
-    if _choices is None:
+    """The choices for `device`'s environment: a machine may hold GPUs of different models."""
+    environment = environment_key(device)
+    if environment not in _choices:
         try:
             stored = json.loads(cache_file().read_text())
         except (OSError, ValueError):
             stored = {}
         # Entries of another shape (a bare name, from before exclusions were stored) are measured again.
-        _choices = {k: v for k, v in stored.get(environment_key(device), {}).items() if isinstance(v, dict)}
-    return _choices
+        _choices[environment] = {k: v for k, v in stored.get(environment, {}).items() if isinstance(v, dict)}
+    return _choices[environment]
 
 
 def _save(device: torch.device) -> None:
@@ -85,7 +86,7 @@ def _save(device: torch.device) -> None:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             stored = {}
-        stored[environment_key(device)] = _choices
+        stored[environment_key(device)] = _load(device)
         # Write then rename, so a concurrent reader never sees half a file.
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
             json.dump(stored, tmp, indent=1, sort_keys=True)
@@ -182,7 +183,7 @@ def choose(
             )
         best = min(times, key=times.__getitem__)  # the first in preference order among equals
         if measure:  # a choice made without measuring must not outlive FUSED_RESNET_AUTOTUNE=0
-            _choices[key] = {"choice": best, "rejected": rejected}
+            _load(device)[key] = {"choice": best, "rejected": rejected}
             _save(device)
             _tick()
         return best
@@ -202,6 +203,5 @@ def remember(memo: dict, key, device: torch.device, compute: Callable[[], object
 
 def forget() -> None:
     """Drops the in-memory choices (the file stays); the next lookup reloads it."""
-    global _choices
     with _lock:
-        _choices = None
+        _choices.clear()

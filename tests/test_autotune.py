@@ -13,7 +13,7 @@ from fused_resnet import autotune, backends
 def tuner(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "environment_key", lambda device: "test GPU | versions")
-    monkeypatch.setattr(autotune, "_choices", None)
+    monkeypatch.setattr(autotune, "_choices", {})
     times = {"slow": 2.0, "fast": 1.0, "middle": 1.5}
     calls = []
 
@@ -183,3 +183,25 @@ def test_candidates_run_and_are_timed_on_the_layer_device(tuner, monkeypatch, cu
     assert autotune.choose(layer_device, "layer G", candidates) == "a"
     assert seen == [(("a", layer_device), layer_device, layer_device), (("b", layer_device), layer_device, layer_device)]
     assert current.current == torch.device("cuda", 0)  # restored
+
+
+def test_each_gpu_model_keeps_its_own_choices(tuner, monkeypatch, current_cuda_device, tmp_path):
+    """Two GPUs of different models in one machine: a layer measured on each is stored under each
+    one's environment, and neither choice is taken for the other."""
+    monkeypatch.setattr(autotune, "environment_key", lambda device: f"GPU model {device.index}")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    faster_on = {"slow": 0, "fast": 1}  # which device each candidate wins on
+
+    def median_ms(run, device):
+        return 1.0 if faster_on[run()] == device.index else 2.0
+
+    monkeypatch.setattr(autotune, "_median_ms", median_ms)
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert autotune.choose(gpu0, "layer H", _candidates("slow", "fast")) == "slow"
+    assert autotune.choose(gpu1, "layer H", _candidates("slow", "fast")) == "fast"
+    stored = json.loads((tmp_path / "autotune.json").read_text())
+    assert {env: c["layer H"]["choice"] for env, c in stored.items()} == {"GPU model 0": "slow", "GPU model 1": "fast"}
+    autotune.forget()
+    monkeypatch.setattr(autotune, "_median_ms", lambda run, device: pytest.fail("measured again"))
+    assert autotune.choose(gpu1, "layer H", _candidates("slow", "fast")) == "fast"
+    assert autotune.choose(gpu0, "layer H", _candidates("slow", "fast")) == "slow"

@@ -67,7 +67,7 @@ def stubs(tmp_path, monkeypatch):
     monkeypatch.delenv("FUSED_RESNET_AUTOTUNE", raising=False)
     monkeypatch.delenv("FUSED_RESNET_VERIFY", raising=False)
     monkeypatch.setattr(autotune, "environment_key", lambda device: "test machine")
-    monkeypatch.setattr(autotune, "_choices", None)
+    monkeypatch.setattr(autotune, "_choices", {})
     monkeypatch.setattr(autotune, "_warned", set())
 
     def median_ms(run, device):
@@ -294,7 +294,7 @@ def test_auto_excludes_nothing_on_a_real_network(tmp_path, monkeypatch, generato
     """On a GPU every backend that serves a ResNet-18 layer is checked against the reference: a kernel
     wrong on this GPU shows up here as an exclusion warning naming the layer and the backend."""
     monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))  # measured and checked afresh
-    monkeypatch.setattr(autotune, "_choices", None)
+    monkeypatch.setattr(autotune, "_choices", {})
     monkeypatch.setattr(backends, "_checked_choice", {})
     model = build("resnet18", generator).cuda()
     x = torch.randn(2, 3, 64, 64, generator=generator).cuda()
@@ -311,7 +311,7 @@ def test_auto_excludes_nothing_on_a_real_network(tmp_path, monkeypatch, generato
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_auto_measures_and_checks_on_the_second_gpu(tmp_path, monkeypatch, generator):
     monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "_choices", None)
+    monkeypatch.setattr(autotune, "_choices", {})
     monkeypatch.setattr(backends, "_checked_choice", {})
     args = [t.to("cuda:1", torch.float16) for t in _conv_args(generator)]
     with torch.cuda.device(0), exclusions() as excluded:
