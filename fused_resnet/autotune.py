@@ -147,13 +147,13 @@ def choose(
     """The name of the fastest usable candidate for `key`, found on first sight and remembered.
 
     `candidates` maps names, in preference order, to calls that run the layer. A candidate is usable
-    when it runs without raising and `check(name)`, if given, passes it: check runs the candidate once
-    more and says why its result is wrong (None when it is right). The others are excluded for this layer,
-    warned about once, and stored as excluded with the choice. Without measuring (`measure` False, or
-    None and FUSED_RESNET_AUTOTUNE=0) the first usable candidate is taken, and nothing is read or
-    stored (without `check`: the first, not run). While a CUDA graph is being captured
-    nothing can be run outside it: the stored choice is used, else the first candidate, or with
-    `check` the last (the reference the others are checked against).
+    when it runs without raising and `check(name)`, if given, passes it: the check runs the candidate
+    on its own and says why its result is wrong (None when it is right). The others are excluded for
+    this layer, warned about once, and stored as excluded with the choice. Without measuring (`measure`
+    False, or None and FUSED_RESNET_AUTOTUNE=0) the first usable candidate is taken, and nothing is
+    read or stored (without `check`: the first, not even run). While a CUDA graph is being captured
+    nothing can run outside it: the stored choice is used, else the first candidate, or with `check`
+    the last (the reference the others are checked against).
     """
     names = list(candidates)
     measure = enabled() if measure is None else measure

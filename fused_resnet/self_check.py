@@ -1,7 +1,7 @@
 """Checking a backend's result for one layer against the reference backend, under the parity rule.
 
-A kernel that is wrong on the user's GPU (and none of them has run on one in this project's CI) must
-not change the model's function silently. Before a backend is trusted with a layer, its output on the
+A kernel that is wrong on the user's GPU (CI has no GPU: the kernels are compiled and inspected
+there, never run) must not change the model's function silently. Before a backend is trusted with a layer, its output on the
 layer's real inputs is compared with the reference backend's: computed in float64 for the reference,
 and in the layer's own dtype for "eager PyTorch", whose error sets the bound (fused_resnet.parity).
 The reference in the layer's dtype is exactly what eager PyTorch computes for that layer, so the

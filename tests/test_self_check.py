@@ -235,13 +235,18 @@ def test_verify_keeps_a_right_named_backend(stubs, generator):
     torch.testing.assert_close(out, block(x))
 
 
-def test_verify_by_environment_variable(stubs, generator, monkeypatch):
+def test_verify_by_environment_variable_for_both_ops(stubs, generator, monkeypatch):
     monkeypatch.setenv("FUSED_RESNET_VERIFY", "1")
     args = _conv_args(generator)
+    x, y = torch.randn(2, 3, 5, 7, generator=generator), torch.randn(2, 3, 5, 7, generator=generator)
     with exclusions() as excluded:
         out = _conv(*args, backend="wrong")
-    assert warned_once_each(excluded) == ["wrong"]
+        summed = fr.ops.add_relu(x, y, backend="wrong")
+    assert list(excluded) == ["wrong"] and len(excluded["wrong"]) == 2  # one layer of each op
     torch.testing.assert_close(out, _expected(*args))
+    assert torch.equal(summed, (x + y).relu())
+    monkeypatch.delenv("FUSED_RESNET_VERIFY")
+    assert not torch.equal(fr.ops.add_relu(x, y, backend="wrong"), summed)  # read on each call
 
 
 def test_verify_is_a_bool_and_the_reference_is_not_verified():
