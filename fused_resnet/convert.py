@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import torch
@@ -37,7 +38,9 @@ def _swap_blocks(module: nn.Module, backend: str, dtype, fused: dict[int, tuple]
     return count
 
 
-def fuse(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None, verify: bool = False) -> nn.Module:
+def fuse(
+    model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None, verify: bool | None = None
+) -> nn.Module:
     """A new module computing `model`'s eval-mode function with fused conv + BN + ReLU (+ residual) ops.
 
     A torchvision ResNet becomes a FusedResNet (stem, blocks and shortcuts fused). Any other module tree
@@ -45,12 +48,14 @@ def fuse(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = No
     `backend` ("auto", "torch", "triton", "cuda") is used by every fused conv; `dtype` casts the result.
     `verify` checks the backend's result for each layer, on its first call, against the reference
     backend (parity rule); a layer that fails runs on the reference, with a warning ("auto" on a GPU
-    checks every candidate anyway). FUSED_RESNET_VERIFY=1 verifies every backend, without `verify`.
+    checks every candidate anyway). `verify=None` reads FUSED_RESNET_VERIFY (1: verify), here, once.
     The returned module is in eval mode; the input model is left untouched.
     """
     backends.check_name(backend)
+    if verify is None:
+        verify = os.environ.get("FUSED_RESNET_VERIFY", "0") == "1"
     if not isinstance(verify, bool):
-        raise TypeError(f"verify must be a bool, got {verify!r}")
+        raise TypeError(f"verify must be a bool or None, got {verify!r}")
     if verify:
         backend = backends.verified(backend)
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

@@ -235,23 +235,32 @@ def test_verify_keeps_a_right_named_backend(stubs, generator):
     torch.testing.assert_close(out, block(x))
 
 
-def test_verify_by_environment_variable_for_both_ops(stubs, generator, monkeypatch):
+def test_verify_by_environment_variable(stubs, generator, monkeypatch):
+    """FUSED_RESNET_VERIFY=1 is fr.fuse's default for `verify`, read when the model is fused."""
+    block = _block(generator)
+    x = torch.randn(1, 6, 5, 3, generator=generator)
     monkeypatch.setenv("FUSED_RESNET_VERIFY", "1")
-    args = _conv_args(generator)
+    verified = fr.fuse(block, backend="wrong")
+    assert fr.fuse(block, backend="wrong", verify=False).conv1.backend == "wrong"
+    monkeypatch.delenv("FUSED_RESNET_VERIFY")
+    assert fr.fuse(block, backend="wrong").conv1.backend == "wrong"
+    with torch.no_grad(), exclusions() as excluded:
+        assert torch.equal(verified(x), fr.fuse(block, backend="torch")(x))
+    assert list(excluded) == ["wrong"]
+
+
+def test_verified_add_relu(stubs, generator):
     x, y = torch.randn(2, 3, 5, 7, generator=generator), torch.randn(2, 3, 5, 7, generator=generator)
     with exclusions() as excluded:
-        out = _conv(*args, backend="wrong")
-        summed = fr.ops.add_relu(x, y, backend="wrong")
-    assert list(excluded) == ["wrong"] and len(excluded["wrong"]) == 2  # one layer of each op
-    torch.testing.assert_close(out, _expected(*args))
+        summed = fr.ops.add_relu(x, y, backend=backends.verified("wrong"))
+    assert warned_once_each(excluded) == ["wrong"]
     assert torch.equal(summed, (x + y).relu())
-    monkeypatch.delenv("FUSED_RESNET_VERIFY")
-    assert not torch.equal(fr.ops.add_relu(x, y, backend="wrong"), summed)  # read on each call
+    assert not torch.equal(fr.ops.add_relu(x, y, backend="wrong"), summed)
 
 
 def test_verify_is_a_bool_and_the_reference_is_not_verified():
     block = BasicBlock(4, 4).eval()
-    with pytest.raises(TypeError, match="verify must be a bool"):
+    with pytest.raises(TypeError, match="verify must be a bool or None"):
         fr.fuse(block, verify="yes")
     assert fr.fuse(block, backend="auto", verify=True).conv1.backend == "verified:auto"
     assert fr.fuse(block, backend="torch", verify=True).conv1.backend == "torch"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -90,12 +89,10 @@ def verified(name: str) -> str:
 
 
 def _parse(name: str) -> tuple[str, bool]:
-    """A `backend` argument as (backend name, whether its results are verified).
-
-    FUSED_RESNET_VERIFY=1 verifies every named backend, read on each call."""
+    """A `backend` argument as (backend name, whether its results are verified)."""
     if name.startswith(_VERIFIED):
         return name.removeprefix(_VERIFIED), True
-    return name, os.environ.get("FUSED_RESNET_VERIFY", "0") == "1"
+    return name, False
 
 
 def check_name(name: str) -> None:
@@ -169,19 +166,22 @@ def _check(run, disagreement, candidate: str) -> str | None:
     return disagreement(run(get(candidate), True))
 
 
-def _select_checked(name: str, layer, device: torch.device, what: str, reason_of, run, checker) -> ModuleType:
+def _checked(name: str, verify: bool, device: torch.device) -> bool:
+    """Whether a call's backend is chosen under a check (_select_checked), or simply (_select)."""
+    return verify or (name == "auto" and device.type in MEASURED_DEVICE_TYPES)
+
+
+def _select_checked(name: str, layer: tuple, device: torch.device, what: str, reason_of, run, checker) -> ModuleType:
     """_select, with the backend's result checked against the reference on the layer's first call.
 
-    `layer()` is the layer's key and `checker()` makes the check (fused_resnet.self_check), both only
-    where a check applies: they would cost on every call. `run(backend, poisoned)` computes the layer
-    into a new output, NaN-filled first if `poisoned` (an element a kernel forgets to write then fails
-    the check), and returns it. backend="auto" on a GPU runs, checks and times each candidate
-    (autotune.choose, which keeps choices and exclusions on disk); a verified backend is run and
-    checked, and replaced by the reference for the layer if it fails.
+    `layer` is the layer's key. `run(backend, poisoned)` computes the layer into a new output,
+    NaN-filled first if `poisoned` (an element a kernel forgets to write then fails the check), and
+    returns it; `checker()` makes the check (fused_resnet.self_check). backend="auto" on a GPU runs,
+    checks and times each candidate (autotune.choose, which keeps choices and exclusions on disk); a
+    verified backend is run and checked, and replaced by the reference for the layer if it fails.
     """
-    name, verify = _parse(name)
     if name == "auto" and device.type in MEASURED_DEVICE_TYPES:
-        key = layer()
+        key = layer
 
         def tune(candidates: list[ModuleType]) -> ModuleType:
             runs = {b.NAME: functools.partial(run, b, False) for b in candidates}
@@ -190,10 +190,10 @@ def _select_checked(name: str, layer, device: torch.device, what: str, reason_of
 
         return autotune.remember(_checked_choice, key, device, lambda: _select(name, device, what, reason_of, tune))
     backend = _select(name, device, what, reason_of)
-    if not verify or backend is get("torch"):
+    if backend is get("torch"):
         return backend
 
-    key = (name, *layer())
+    key = (name, *layer)
 
     def verify_once() -> ModuleType:
         runs = {b.NAME: functools.partial(run, b, False) for b in (backend, get("torch"))}
@@ -212,15 +212,15 @@ def select_conv(name, x, weight, bias, residual, stride, padding, dilation, grou
     def reason_of(b):
         return b.conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
 
-    if out is None:
-        return _select(_parse(name)[0], x.device, "convolution", reason_of)
+    name, verify = _parse(name)
+    if out is None or not _checked(name, verify, x.device):
+        return _select(name, x.device, "convolution", reason_of)
 
-    def layer():
-        return (
-            "conv2d_bias_act", x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(),
-            bias is not None, None if residual is None else residual.stride(),
-            tuple(stride), tuple(padding), tuple(dilation), groups, relu,
-        )  # fmt: skip
+    layer = (
+        "conv2d_bias_act", x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(),
+        bias is not None, None if residual is None else residual.stride(),
+        tuple(stride), tuple(padding), tuple(dilation), groups, relu,
+    )  # fmt: skip
 
     def run(b, poisoned):
         scratch = _scratch(out, poisoned)
@@ -234,8 +234,14 @@ def select_conv(name, x, weight, bias, residual, stride, padding, dilation, grou
 
 
 def select_add_relu(name, x, y) -> ModuleType:
-    def layer():
-        return ("add_relu", x.device, x.dtype, x.shape, x.stride(), y.stride())
+    def reason_of(b):
+        return b.add_relu_unsupported_reason(x, y)
+
+    name, verify = _parse(name)
+    if not _checked(name, verify, x.device):
+        return _select(name, x.device, "add_relu", reason_of)
+
+    layer = ("add_relu", x.device, x.dtype, x.shape, x.stride(), y.stride())
 
     def run(b, poisoned):
         scratch = _scratch(x, poisoned)
@@ -244,8 +250,5 @@ def select_add_relu(name, x, y) -> ModuleType:
 
     def checker():
         return self_check.add_relu_checker(x, y)
-
-    def reason_of(b):
-        return b.add_relu_unsupported_reason(x, y)
 
     return _select_checked(name, layer, x.device, "add_relu", reason_of, run, checker)
