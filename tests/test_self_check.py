@@ -364,3 +364,27 @@ def test_a_check_that_cannot_run_leaves_the_layer_to_the_reference(stubs, genera
     assert warned_once_each(excluded) == ["raising", "right", "unwritten", "wrong"]
     assert "OutOfMemoryError" in excluded["right"][0]
     assert torch.equal(out, reference.conv2d_bias_act(None, *args, [2, 2], [1, 1], [1, 1], 1, True))
+
+
+@pytest.mark.parametrize(
+    "groups, dilation, channels_last", [(1, 1, False), (2, 2, True), (3, 1, True)], ids=["plain", "grouped-dilated", "grouped"]
+)
+def test_a_right_backend_passes_its_check(generator, monkeypatch, groups, dilation, channels_last):
+    """The Triton kernels (in the interpreter, on the CPU) pass the check: it does not reject right
+    results, on odd shapes, grouped and dilated convs, in either layout."""
+    if reason := backends.get("triton").unavailable_reason(torch.device("cpu")):
+        pytest.skip(reason)
+    monkeypatch.setattr(backends, "_checked_choice", {})
+    x = torch.randn(1, 6, 7, 5, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(6, 6 // groups, 3, 3, generator=generator), torch.randn(6, generator=generator)
+    residual = torch.randn(1, 6, 7, 5, generator=generator)
+    with exclusions() as excluded:
+        out = fr.ops.conv2d_bias_act(
+            x, weight, bias, residual, padding=dilation, dilation=dilation, groups=groups,
+            backend=backends.verified("triton"),
+        )  # fmt: skip
+    assert excluded == {}
+    assert [b.NAME for b in backends._checked_choice.values()] == ["triton"]  # checked, and kept
+    torch.testing.assert_close(out, (F.conv2d(x, weight, bias, 1, dilation, dilation, groups) + residual).relu())
