@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import torch
@@ -37,15 +38,26 @@ def _swap_blocks(module: nn.Module, backend: str, dtype, fused: dict[int, tuple]
     return count
 
 
-def fuse(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None) -> nn.Module:
+def fuse(
+    model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None, verify: bool | None = None
+) -> nn.Module:
     """A new module computing `model`'s eval-mode function with fused conv + BN + ReLU (+ residual) ops.
 
     A torchvision ResNet becomes a FusedResNet (stem, blocks and shortcuts fused). Any other module tree
     is copied with each torchvision BasicBlock / Bottleneck replaced by its fused twin, the rest unchanged.
     `backend` ("auto", "torch", "triton", "cuda") is used by every fused conv; `dtype` casts the result.
+    `verify` checks the backend's result for each layer, on its first call, against the reference
+    backend (parity rule); a layer that fails runs on the reference, with a warning ("auto" on a GPU
+    checks every candidate anyway). `verify=None` reads FUSED_RESNET_VERIFY (1: verify), here, once.
     The returned module is in eval mode; the input model is left untouched.
     """
     backends.check_name(backend)
+    if verify is None:
+        verify = os.environ.get("FUSED_RESNET_VERIFY", "0") == "1"
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool or None, got {verify!r}")
+    if verify:
+        backend = backends.verified(backend)
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"dtype must be a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
     if _is_plain_resnet(model):

@@ -3,6 +3,10 @@
 At batch 1 a ResNet's time is mostly kernel launches and Python; a graph replays all of them with
 one launch. Each distinct (shape, dtype, strides, device) input gets its own graph, static input
 buffer and static output; the least recently used graph is dropped beyond `max_graphs`.
+
+A graph is captured with the input's device current and on a stream of that device: kernels that
+follow their tensors' device (the CUDA C++ ones) would otherwise run outside a capture made on
+another device's stream, and every replay would return the capture-time output.
 """
 
 from __future__ import annotations
@@ -28,20 +32,23 @@ class CUDAGraphModule(nn.Module):
             raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
         self.module, self.max_graphs, self.warmup = module, max_graphs, warmup
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = OrderedDict()
-        self._pool = None  # one memory pool shared by all graphs of this module
+        # Per device: the stream that warm-up and capture run on, and one memory pool shared by all
+        # graphs of this module on that device (sharing a pool asks for the same capture stream).
+        self._streams: dict[torch.device, tuple[torch.cuda.Stream, object]] = {}
 
     def _capture(self, x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        """Warm-up calls, then the capture, on this module's stream of x's device (the current one)."""
+        if x.device not in self._streams:
+            self._streams[x.device] = (torch.cuda.Stream(x.device), torch.cuda.graph_pool_handle())
+        stream, pool = self._streams[x.device]
         static_input = x.clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side), torch.no_grad():
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(self.warmup):
                 self.module(static_input)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        torch.cuda.current_stream(x.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
+        with torch.cuda.graph(graph, pool=pool, stream=stream), torch.no_grad():
             static_output = self.module(static_input)
         return graph, static_input, static_output
 
@@ -51,17 +58,18 @@ class CUDAGraphModule(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             raise ValueError("CUDAGraphModule is for inference: call it under torch.no_grad() with inputs without grad")
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture(x)
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-        graph, static_input, static_output = entry
-        static_input.copy_(x)
-        graph.replay()
-        return static_output.clone()
+        with torch.cuda.device(x.device):
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._graphs[key] = self._capture(x)
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
+            else:
+                self._graphs.move_to_end(key)
+            graph, static_input, static_output = entry
+            static_input.copy_(x)
+            graph.replay()
+            return static_output.clone()
 
     def reset(self) -> None:
         """Drops every captured graph. Needed after replacing a parameter by a new tensor (a graph reads

@@ -140,7 +140,8 @@ def conv2d_bias_act(
     """act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual), act = ReLU if `relu`.
 
     `x` may be NCHW or channels_last with any strides; the result is channels_last.
-    `backend` is "torch", "triton", "cuda" or "auto".
+    `backend` is "torch", "triton", "cuda", "cudnn" or "auto", or backends.verified(name) to check the
+    named backend's result on each layer's first call.
     """
     check_types(dict(x=x, weight=weight), dict(bias=bias, residual=residual), groups=groups, relu=relu, backend=backend)
     return _conv2d_bias_act(

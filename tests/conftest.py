@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
 # in the processes the tests start: a test that names a backend tests that backend.
 os.environ.setdefault("FUSED_RESNET_STRICT", "1")
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 from fused_resnet import backends  # noqa: E402
@@ -60,3 +62,26 @@ def build_model(constructor, generator=None, **kwargs):
     """A torchvision model in eval mode with randomised BatchNorm statistics."""
     model = constructor(**kwargs).eval()
     return randomize_bn_(model, generator)
+
+
+class CurrentCUDADevice:
+    """A stand-in for torch.cuda.device on a machine without a GPU: records which device is current."""
+
+    def __init__(self):
+        self.current = torch.device("cuda", 0)
+
+    @contextlib.contextmanager
+    def __call__(self, device):
+        previous, self.current = self.current, torch.device(device)
+        try:
+            yield
+        finally:
+            self.current = previous
+
+
+@pytest.fixture
+def current_cuda_device(monkeypatch):
+    """torch.cuda.device replaced by a recorder whose `current` says which CUDA device is current."""
+    recorder = CurrentCUDADevice()
+    monkeypatch.setattr(torch.cuda, "device", recorder)
+    return recorder

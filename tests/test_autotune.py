@@ -13,11 +13,11 @@ from fused_resnet import autotune, backends
 def tuner(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "environment_key", lambda device: "test GPU | versions")
-    monkeypatch.setattr(autotune, "_choices", None)
+    monkeypatch.setattr(autotune, "_choices", {})
     times = {"slow": 2.0, "fast": 1.0, "middle": 1.5}
     calls = []
 
-    def median_ms(run):
+    def median_ms(run, device):
         name = run()
         calls.append(name)
         return times[name]
@@ -35,7 +35,7 @@ def test_fastest_candidate_is_chosen_and_stored(tuner, tmp_path):
     assert autotune.choose(device, "layer A", _candidates("slow", "fast", "middle")) == "fast"
     assert sorted(tuner) == ["fast", "middle", "slow"]
     stored = json.loads((tmp_path / "autotune.json").read_text())
-    assert stored == {"test GPU | versions": {"layer A": "fast"}}
+    assert stored == {"test GPU | versions": {"layer A": {"choice": "fast", "rejected": {}}}}
 
 
 def test_choice_is_reused_without_measuring_again_even_after_reload(tuner):
@@ -101,7 +101,7 @@ def test_cuda_backend_measures_its_kernels_once_per_layer(tuner, monkeypatch):
     monkeypatch.setattr(cuda, "_launch", lambda out, *args: launched.append(args[-1]))
     times = {-1: 3.0, 0: 2.0, 1: 1.0, 2: 0.5}  # by config index; -1 is the C++ heuristic
 
-    def median_ms(run):
+    def median_ms(run, device):
         run()
         return times[launched[-1]]
 
@@ -124,9 +124,61 @@ def test_cuda_backend_measures_its_kernels_once_per_layer(tuner, monkeypatch):
     conv(3)  # the stem: every kernel serves it
     assert launched == [-1, 0, 1, 2, 2]
     choices = json.loads(autotune.cache_file().read_text())["test GPU | versions"]
-    assert sorted(choices.values()) == ["few_channels_stem", "optimized_small"]  # stored by name
+    assert sorted(c["choice"] for c in choices.values()) == ["few_channels_stem", "optimized_small"]  # stored by name
     monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "0")
     monkeypatch.setattr(cuda, "_config_choice", {})
     launched.clear()
     conv(64)
     assert launched == [-1]  # not measuring: the heuristic
+
+
+def test_a_candidate_that_raises_is_excluded_with_one_warning(tuner, tmp_path):
+    def no_kernel_image():
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    candidates = {"broken": no_kernel_image, **_candidates("slow", "fast")}
+    with pytest.warns(UserWarning, match=r"backend 'broken' excluded for layer \[layer F\]: RuntimeError: CUDA error: no kernel image"):
+        assert autotune.choose(torch.device("cpu"), "layer F", candidates) == "fast"
+    stored = json.loads((tmp_path / "autotune.json").read_text())["test GPU | versions"]["layer F"]
+    assert stored["choice"] == "fast" and list(stored["rejected"]) == ["broken"]
+
+
+def test_candidates_run_and_are_timed_on_the_layer_device(tuner, monkeypatch, current_cuda_device):
+    """A layer on cuda:1 while cuda:0 is current: every run and every timing happens with cuda:1 current
+    (CUDA events and launches that follow the current device would otherwise measure cuda:0)."""
+    current = current_cuda_device
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    seen = []
+
+    def median_ms(run, device):
+        seen.append((run(), device, current.current))
+        return len(seen)
+
+    monkeypatch.setattr(autotune, "_median_ms", median_ms)
+    layer_device = torch.device("cuda", 1)
+    candidates = {name: (lambda name=name: (name, current.current)) for name in ("a", "b")}
+    assert autotune.choose(layer_device, "layer G", candidates) == "a"
+    assert seen == [(("a", layer_device), layer_device, layer_device), (("b", layer_device), layer_device, layer_device)]
+    assert current.current == torch.device("cuda", 0)  # restored
+
+
+def test_each_gpu_model_keeps_its_own_choices(tuner, monkeypatch, current_cuda_device, tmp_path):
+    """Two GPUs of different models in one machine: a layer measured on each is stored under each
+    one's environment, and neither choice is taken for the other."""
+    monkeypatch.setattr(autotune, "environment_key", lambda device: f"GPU model {device.index}")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    faster_on = {"slow": 0, "fast": 1}  # which device each candidate wins on
+
+    def median_ms(run, device):
+        return 1.0 if faster_on[run()] == device.index else 2.0
+
+    monkeypatch.setattr(autotune, "_median_ms", median_ms)
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert autotune.choose(gpu0, "layer H", _candidates("slow", "fast")) == "slow"
+    assert autotune.choose(gpu1, "layer H", _candidates("slow", "fast")) == "fast"
+    stored = json.loads((tmp_path / "autotune.json").read_text())
+    assert {env: c["layer H"]["choice"] for env, c in stored.items()} == {"GPU model 0": "slow", "GPU model 1": "fast"}
+    autotune.forget()
+    monkeypatch.setattr(autotune, "_median_ms", lambda run, device: pytest.fail("measured again"))
+    assert autotune.choose(gpu1, "layer H", _candidates("slow", "fast")) == "fast"
+    assert autotune.choose(gpu0, "layer H", _candidates("slow", "fast")) == "slow"

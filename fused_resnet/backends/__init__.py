@@ -9,7 +9,7 @@ Every backend module exposes the same five names, so the op layer can treat them
         is an error.
     conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None
         None when this backend computes that case; otherwise why not. An unsupported but valid
-        case falls back to the reference backend with a one-time warning (an error under STRICT).
+        case falls back to the reference backend with a one-time warning.
     conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor | None
         Writes act(conv2d(x, weight) + bias + residual) into `out`, a preallocated channels_last
         tensor of shape (N, Cout, OH, OW) and x's dtype. `x`, `residual` may have any strides;
@@ -25,16 +25,17 @@ Every backend module exposes the same five names, so the op layer can treat them
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
-from .. import autotune
+from .. import autotune, self_check
 
 NAMES = ("cuda", "triton", "cudnn", "torch")
 
@@ -81,7 +82,28 @@ def get(name: str) -> ModuleType:
     return module
 
 
+# A `backend` argument of the ops that starts with this runs the named backend with its result checked
+# against the reference on each layer's first call (see verified()).
+_VERIFIED = "verified:"
+
+
+def verified(name: str) -> str:
+    """The `backend` argument that runs backend `name` with each layer's first result checked against
+    the reference backend under the parity rule; a layer whose result fails (or raises) is computed
+    by the reference from then on, with a warning. For "auto", the backend it takes where it does not
+    measure (on a GPU it checks every candidate anyway). The reference needs no check."""
+    return name if name == "torch" or name.startswith(_VERIFIED) else _VERIFIED + name
+
+
+def _parse(name: str) -> tuple[str, bool]:
+    """A `backend` argument as (backend name, whether its results are verified)."""
+    if name.startswith(_VERIFIED):
+        return name.removeprefix(_VERIFIED), True
+    return name, False
+
+
 def check_name(name: str) -> None:
+    name = _parse(name)[0]
     if name != "auto":
         get(name)
 
@@ -163,39 +185,105 @@ def _select(name: str, device: torch.device, what: str, reason_of, tune=None) ->
     return reference
 
 
-# backend="auto" on a GPU: the backend measured fastest for each layer, by a cheap hashable key, so
-# that after the first call a layer's backend is one dict lookup away.
-_auto_choice: dict[tuple, ModuleType] = {}
+# Device types on which backend="auto" measures and checks its candidates per layer; elsewhere it
+# takes the first that serves the case.
+MEASURED_DEVICE_TYPES = ("cuda",)
+
+# The backend chosen under a check for each layer (backend="auto", or a verified named backend), by
+# a cheap hashable key, so that after the first call a layer's backend is one dict lookup away.
+_checked_choice: dict[tuple, ModuleType] = {}
 
 
-def _measure(key: tuple, run) -> Callable[[list[ModuleType]], ModuleType]:
-    """A `tune` for _select: times `run(backend)` for each candidate (autotune keeps it on disk)."""
+def _check(run, disagreement, candidate: str) -> str | None:
+    """Why backend `candidate`'s output for a layer is wrong (None when it is right)."""
+    if candidate == "torch":
+        return None  # the reference itself, what the others are checked against
+    return disagreement(run(get(candidate), True))
 
-    def tune(candidates: list[ModuleType]) -> ModuleType:
-        runs = {b.NAME: (lambda b=b: run(b)) for b in candidates}
-        return get(autotune.choose(key[1], " ".join(map(str, key)), runs))
 
-    return tune
+def _checked(name: str, verify: bool, device: torch.device) -> bool:
+    """Whether a call's backend is chosen under a check (_select_checked), or simply (_select)."""
+    return verify or (name == "auto" and device.type in MEASURED_DEVICE_TYPES)
+
+
+def _select_checked(name: str, layer: tuple, device: torch.device, what: str, reason_of, run, checker) -> ModuleType:
+    """_select, with the backend's result checked against the reference on the layer's first call.
+
+    `layer` is the layer's key. `run(backend, poisoned)` computes the layer into a new output,
+    NaN-filled first if `poisoned` (an element a kernel forgets to write then fails the check), and
+    returns it; `checker()` makes the check (fused_resnet.self_check). backend="auto" on a GPU runs,
+    checks and times each candidate (autotune.choose, which keeps choices and exclusions on disk); a
+    verified backend is run and checked, and replaced by the reference for the layer if it fails.
+    """
+    if name == "auto" and device.type in MEASURED_DEVICE_TYPES:
+        key = layer
+
+        def tune(candidates: list[ModuleType]) -> ModuleType:
+            runs = {b.NAME: functools.partial(run, b, False) for b in candidates}
+            check = functools.partial(_check, run, checker())
+            return get(autotune.choose(device, " ".join(map(str, key)), runs, check))
+
+        return autotune.remember(_checked_choice, key, device, lambda: _select(name, device, what, reason_of, tune))
+    backend = _select(name, device, what, reason_of)
+    if backend is get("torch"):
+        return backend
+
+    key = (name, *layer)
+
+    def verify_once() -> ModuleType:
+        runs = {b.NAME: functools.partial(run, b, False) for b in (backend, get("torch"))}
+        check = functools.partial(_check, run, checker())
+        return get(autotune.choose(device, " ".join(map(str, key)), runs, check, measure=False))
+
+    return autotune.remember(_checked_choice, key, device, verify_once)
+
+
+def _scratch(like: torch.Tensor, poisoned: bool) -> torch.Tensor:
+    scratch = torch.empty_like(like)
+    return scratch.fill_(float("nan")) if poisoned else scratch
 
 
 def select_conv(name, x, weight, bias, residual, stride, padding, dilation, groups, relu=True, out=None) -> ModuleType:
     def reason_of(b):
         return b.conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
 
-    if name != "auto" or x.device.type != "cuda" or out is None:
+    name, verify = _parse(name)
+    if out is None or not _checked(name, verify, x.device):
         return note_serving(_select(name, x.device, "convolution", reason_of))
-    key = (
+
+    layer = (
         "conv2d_bias_act", x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(),
         bias is not None, None if residual is None else residual.stride(),
         tuple(stride), tuple(padding), tuple(dilation), groups, relu,
     )  # fmt: skip
-    def run(b):
-        return b.conv2d_bias_act(torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
-    return note_serving(autotune.remember(
-        _auto_choice, key, x.device, lambda: _select(name, x.device, "convolution", reason_of, _measure(key, run))
-    ))
+    def run(b, poisoned):
+        scratch = _scratch(out, poisoned)
+        result = b.conv2d_bias_act(scratch, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        return scratch if result is None else result
+
+    def checker():
+        return self_check.conv_checker(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+    return note_serving(_select_checked(name, layer, x.device, "convolution", reason_of, run, checker))
 
 
 def select_add_relu(name, x, y) -> ModuleType:
-    return note_serving(_select(name, x.device, "add_relu", lambda b: b.add_relu_unsupported_reason(x, y)))
+    def reason_of(b):
+        return b.add_relu_unsupported_reason(x, y)
+
+    name, verify = _parse(name)
+    if not _checked(name, verify, x.device):
+        return note_serving(_select(name, x.device, "add_relu", reason_of))
+
+    layer = ("add_relu", x.device, x.dtype, x.shape, x.stride(), y.stride())
+
+    def run(b, poisoned):
+        scratch = _scratch(x, poisoned)
+        b.add_relu(scratch, x, y)
+        return scratch
+
+    def checker():
+        return self_check.add_relu_checker(x, y)
+
+    return note_serving(_select_checked(name, layer, x.device, "add_relu", reason_of, run, checker))
