@@ -138,7 +138,7 @@ def test_opcheck_add_relu():
 
 def test_unknown_backend_is_rejected():
     x, weight, bias, res, kw = _make(CONV_CASES[0])
-    with pytest.raises(ValueError, match="unknown backend 'cudnn9'; supported backends are 'cuda', 'triton', 'cudnn', 'torch' and 'auto'"):
+    with pytest.raises(ValueError, match="unknown backend 'cudnn9'; supported backends are 'cuda', 'triton', 'cudnn', 'onednn', 'torch' and 'auto'"):
         ops.conv2d_bias_act(x, weight, backend="cudnn9")
     with pytest.raises(ValueError, match="unknown backend"):
         ops.add_relu(x, x, backend="fast")

@@ -88,6 +88,11 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
         bias = bias.contiguous()  # oneDNN reads the bias as dense: a strided view would give wrong sums
     if residual is None:
         return _convolution(x, packed, bias, padding, stride, dilation, groups, "relu" if relu else "none", [None], "")
+    if groups > 1:
+        # PyTorch fuses the residual sum into oneDNN's conv for ungrouped convs only (a grouped one
+        # would fall back inside the op, to an add + ReLU that rejects bfloat16): add it after.
+        y = _convolution(x, packed, bias, padding, stride, dilation, groups, "none", [None], "").add_(residual)
+        return y.relu_() if relu else y
     return _convolution_add(
         x, residual, packed, bias, padding, stride, dilation, groups, "add", 1.0, "relu" if relu else None, [None], ""
     )
