@@ -1,5 +1,5 @@
-"""The oneDNN backend (CPU): each fused conv is one oneDNN convolution with bias, residual sum and
-ReLU as post-ops, on a weight reordered once into oneDNN's blocked layout.
+"""The oneDNN backend (CPU): each fused conv is one oneDNN convolution with its bias and residual sum
+as post-ops, on a weight reordered once into oneDNN's blocked layout; ReLU follows in place.
 
 It calls the operators PyTorch ships for Inductor's CPU freezing path:
 `mkldnn._reorder_convolution_weight` (the prepacking) and `mkldnn._convolution_pointwise` (its
@@ -87,15 +87,12 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     if bias is not None:
         bias = bias.contiguous()  # oneDNN reads the bias as dense: a strided view would give wrong sums
     if residual is None:
-        return _convolution(x, packed, bias, padding, stride, dilation, groups, "relu" if relu else "none", [None], "")
-    if groups > 1:
-        # PyTorch fuses the residual sum into oneDNN's conv for ungrouped convs only (a grouped one
-        # would fall back inside the op, to an add + ReLU that rejects bfloat16): add it after.
-        y = _convolution(x, packed, bias, padding, stride, dilation, groups, "none", [None], "").add_(residual)
-        return y.relu_() if relu else y
-    return _convolution_add(
-        x, residual, packed, bias, padding, stride, dilation, groups, "add", 1.0, "relu" if relu else None, [None], ""
-    )
+        y = _convolution(x, packed, bias, padding, stride, dilation, groups, "none", [None], "")
+    else:  # for grouped convs PyTorch adds the residual after the conv, not as a post-op
+        y = _convolution_add(x, residual, packed, bias, padding, stride, dilation, groups, "add", 1.0, None, [None], "")
+    # Not oneDNN's ReLU post-op: it maps NaN to 0 where eager's relu keeps NaN, so a NaN or Inf in
+    # the input would silently vanish. ATen's ReLU runs in place on the just-written output instead.
+    return y.relu_() if relu else y
 
 
 def add_relu_unsupported_reason(x, y) -> str | None:
