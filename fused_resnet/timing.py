@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +34,26 @@ def time_ms(fn: Callable[[], object], device: torch.device, iters: int = 20, war
 
 
 @torch.no_grad()
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 15, warmup: int = 2, min_sample_ms: float = 20.0
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, timed round-robin: each of `reps` rounds takes one
+    sample of every function in turn, so a busy spell of a shared machine falls on all of them alike
+    instead of on whichever happened to run then. A sample averages as many back-to-back calls as
+    fill `min_sample_ms` (judged from the last warm-up call), so short calls are not timer noise."""
+    calls = {}
+    for name, fn in fns.items():
+        warm = time_ms(fn, device, iters=1, warmup=warmup - 1)[0] if warmup else 1.0
+        calls[name] = max(1, math.ceil(min_sample_ms / max(warm, 1e-3)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            n = calls[name]
+            times[name].append(sum(time_ms(fn, device, iters=n, warmup=0)) / n)
+    return times
+
+
+@torch.no_grad()
 def graph_time_ms(fn: Callable[[], object], device: torch.device, iters: int = 20, warmup: int = 3, calls: int = 10) -> list[float]:
     """GPU milliseconds per call of `fn`, without the host's share (Python, dispatch, launches).
 
@@ -50,6 +71,12 @@ def graph_time_ms(fn: Callable[[], object], device: torch.device, iters: int = 2
             fn()
     # One warm-up replay: the first may upload the graph.
     return [ms / calls for ms in time_ms(graph.replay, device, iters=iters, warmup=1)]
+
+
+def spread(times: list[float]) -> float:
+    """(p80 - p20) / median: how far the middle samples stray, relative to the median."""
+    p20, median, p80 = quantiles(times)
+    return (p80 - p20) / median
 
 
 def quantiles(times: list[float]) -> tuple[float, float, float]:
