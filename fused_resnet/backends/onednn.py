@@ -15,6 +15,8 @@ bypass the version counter, are not seen: re-fuse or use in-place ops on the par
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -45,15 +47,20 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
-    if x.dtype == torch.float32:
+    return _dtype_unsupported_reason(x.dtype)
+
+
+@functools.cache  # asked on every call; what the CPU supports never changes
+def _dtype_unsupported_reason(dtype: torch.dtype) -> str | None:
+    if dtype == torch.float32:
         return None
-    if x.dtype == torch.bfloat16:
+    if dtype == torch.bfloat16:
         return None if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "this CPU has no bfloat16 support in oneDNN"
-    if x.dtype == torch.float16:
+    if dtype == torch.float16:
         if torch.ops.mkldnn._is_mkldnn_fp16_supported():
             return None
         return "oneDNN's float16 convolution needs a CPU with AVX512-FP16 or AVX-NE-CONVERT, which this one lacks"
-    return f"oneDNN convolutions take float32, bfloat16 or float16, not {x.dtype}"
+    return f"oneDNN convolutions take float32, bfloat16 or float16, not {dtype}"
 
 
 def _stamp(weight: torch.Tensor) -> tuple:
