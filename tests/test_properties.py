@@ -121,6 +121,24 @@ def test_triton_interpreter_matches_float64(case):
     check(case, "triton")
 
 
+ONEDNN = backends.get("onednn")
+ONEDNN_DTYPES = [d for d in LOW_PRECISION if ONEDNN.conv_unsupported_reason(torch.empty(0, dtype=d), *[None] * 7) is None]
+
+
+@pytest.mark.skipif(ONEDNN.unavailable_reason(torch.device("cpu")) is not None, reason="PyTorch built without oneDNN")
+@given(
+    conv_cases(
+        max_batch=3, channels=[1, 2, 3, 5, 8], max_size=9, kernels=[1, 2, 3, 5], max_groups=3,
+        dtypes=ONEDNN_DTYPES, device="cpu",
+    )
+)  # fmt: skip
+def test_onednn_matches_float64(case):
+    assert unsupported_reason("onednn", case) is None  # oneDNN computes every case drawn here itself
+    calls = ONEDNN.calls
+    check(case, "onednn")
+    assert ONEDNN.calls == calls + (case[0].shape[0] > 0)  # an empty batch never reaches a backend
+
+
 GPU_BACKENDS = backends.available("cuda") if HAS_CUDA else list(backends.NAMES)
 
 
