@@ -169,7 +169,7 @@ def conv2d_bias_act(
     """act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual), act = ReLU if `relu`.
 
     `x` may be NCHW or channels_last with any strides; the result is channels_last.
-    `backend` is "torch", "triton", "cuda" or "auto".
+    `backend` is "torch", "triton", "cuda", "cudnn", "onednn" or "auto".
     """
     check_types(dict(x=x, weight=weight), dict(bias=bias, residual=residual), groups=groups, relu=relu, backend=backend)
     op = _compute_conv2d_bias_act if _plain_eager_call(x, weight, bias, residual) else _conv2d_bias_act

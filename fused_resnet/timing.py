@@ -73,12 +73,6 @@ def graph_time_ms(fn: Callable[[], object], device: torch.device, iters: int = 2
     return [ms / calls for ms in time_ms(graph.replay, device, iters=iters, warmup=1)]
 
 
-def spread(times: list[float]) -> float:
-    """(p80 - p20) / median: how far the middle samples stray, relative to the median."""
-    p20, median, p80 = quantiles(times)
-    return (p80 - p20) / median
-
-
 def quantiles(times: list[float]) -> tuple[float, float, float]:
     """(p20, median, p80) of a list of times."""
     if len(times) == 1:
