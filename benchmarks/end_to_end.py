@@ -182,10 +182,13 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--reps", type=int, default=20, help="round-robin rounds: timed samples per peer")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for every peer (default: torch's); recorded with the run")
     parser.add_argument("--quick", action="store_true", help="GPU: ResNet-50, fp16, batch 1 and 256; CPU: resnet18/50, batch 1 and 8, fp32 and bf16")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     on_cpu = device.type == "cpu"
     args.batches = args.batches or ([1, 8] if on_cpu else [1, 8, 32, 128, 256])
     args.dtypes = args.dtypes or (["float32", "bfloat16"] if on_cpu else list(DTYPES))
