@@ -201,11 +201,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cache-"))
     if on_cpu:
         print(f"timing on the CPU with {torch.get_num_threads()} threads", flush=True)
+    env = environment(device)  # before measuring: the load average and commit the run started with
     rows = measure(args, device)
     summary = cpu_goals(rows) if on_cpu else goals(rows)
     print(summary)
     if not args.no_write:
-        write("end_to_end", rows, COLUMNS, environment(device), summary, chart(rows))
+        write("end_to_end", rows, COLUMNS, env, summary, chart(rows))
     return 0
 
 
