@@ -76,6 +76,9 @@ def measure(args, device) -> list[dict]:
                     expected = model(x)
                 x = x.to(dtype)
                 # Built per batch size: a compiled peer compiles once, for this shape, in its setup.
+                # Dynamo forgets the earlier cells' graphs first: every model shares ResNet.forward,
+                # and past its recompile limit Dynamo would run the later cells' peers uncompiled.
+                torch._dynamo.reset()
                 runners, group = {}, []
                 for name in names:
                     run, out, setup_s = set_up(name, model, dtype, x, device)
