@@ -1,11 +1,16 @@
 """End-to-end inference: throughput and latency of whole ResNets, ours against every peer, one run.
 
-    python benchmarks/end_to_end.py --quick      # ResNet-50, fp16, batch 1 and 256 (a few minutes)
-    python benchmarks/end_to_end.py              # resnet18/50/101, resnext50; batch 1..256; fp16/bf16/fp32
+    python benchmarks/end_to_end.py --quick                # GPU: ResNet-50, fp16, batch 1 and 256 (a few minutes)
+    python benchmarks/end_to_end.py --device cpu --quick   # CPU: resnet18/50, batch 1 and 8, fp32 and bf16
+    python benchmarks/end_to_end.py                        # resnet18/50/101, resnext50; batch 1..256; fp16/bf16/fp32
 
-Peers (fused_resnet.peers): eager NCHW and channels_last, torch.compile (default, max-autotune with
-freezing, reduce-overhead), cuDNN fused ops, and ours per backend and with a CUDA graph. Every peer's
-output is also compared with fp32 eager on the same batch, so a fast wrong answer shows.
+Peers (fused_resnet.peers): eager NCHW and channels_last, BN folded by torch.fx, torch.compile
+(default, with freezing, max-autotune with freezing, reduce-overhead), cuDNN fused ops, and ours per
+backend and with a CUDA graph; on the CPU the set in peers.CPU. Peers are timed round-robin, so a busy
+spell of a shared machine falls on all of them alike; medians with their p20-p80 spread. Each peer's
+setup (built from the model, then its first call: compilation, or for ours fr.fuse to first output)
+is timed separately, with Inductor's caches in a fresh directory so compile times are not cache hits.
+Every peer's output is also compared with fp32 eager on the same batch, so a fast wrong answer shows.
 Writes benchmarks/results/end_to_end-<time>.{json,md,png}.
 """
 
@@ -13,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -25,10 +33,31 @@ from results_io import environment, write  # noqa: E402
 from fused_resnet import peers  # noqa: E402
 from fused_resnet.architectures import build  # noqa: E402
 from fused_resnet.parity import relative_error  # noqa: E402
-from fused_resnet.timing import quantiles, time_ms  # noqa: E402
+from fused_resnet.timing import interleaved_ms, quantiles  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-COLUMNS = ["arch", "dtype", "batch", "peer", "median_ms", "p20_ms", "p80_ms", "img_per_s", "vs_eager", "vs_max_autotune", "error_vs_fp32"]
+COLUMNS = [
+    "arch", "dtype", "batch", "peer", "median_ms", "p20_ms", "p80_ms", "spread", "img_per_s",
+    "vs_eager", "vs_freezing", "vs_max_autotune", "setup_s", "error_vs_fp32",
+]  # fmt: skip
+# Ratio columns: the peer's median time over ours (> 1: the row is faster than that peer).
+RATIOS = {"vs_eager": "eager NCHW", "vs_freezing": "compile freezing", "vs_max_autotune": "compile max-autotune+freezing"}
+MAX_SPREAD = 0.10
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def set_up(name, model, dtype, x, device):
+    """Builds peer `name` and makes its first call (compilation, tuning): (run, output, seconds)."""
+    start = time.perf_counter()
+    run = peers.build(name, model, dtype)
+    out = run(x)
+    _synchronize(device)
+    return run, out, time.perf_counter() - start
 
 
 def measure(args, device) -> list[dict]:
@@ -41,29 +70,65 @@ def measure(args, device) -> list[dict]:
             skipped = [p for p in args.peers if p not in names]
             if skipped:
                 print(f"skipping on {device}: {', '.join(skipped)}", flush=True)
-            runners = {name: peers.build(name, model, dtype) for name in names}
             for batch in args.batches:
                 x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
                 with torch.no_grad():
                     expected = model(x)
                 x = x.to(dtype)
-                group = []
-                for name, run in runners.items():
-                    with torch.no_grad():
-                        error = relative_error(run(x).float(), expected)  # also the first (compiling) call
-                    p20, median, p80 = quantiles(time_ms(lambda: run(x), device, iters=args.iters, warmup=args.warmup))
-                    row = dict(arch=arch, dtype=dtype_name, batch=batch, peer=name, median_ms=median, p20_ms=p20, p80_ms=p80, img_per_s=batch / median * 1e3, error_vs_fp32=error)
-                    group.append(row)
-                    print(f"{arch} {dtype_name} batch {batch:4d} {name:28s} {median:9.3f} ms {row['img_per_s']:10.1f} img/s  error {error:.2e}", flush=True)
+                # Built per batch size: a compiled peer compiles once, for this shape, in its setup.
+                # Dynamo forgets the earlier cells' graphs first: every model shares ResNet.forward,
+                # and past its recompile limit Dynamo would run the later cells' peers uncompiled.
+                torch._dynamo.reset()
+                runners, group = {}, []
+                for name in names:
+                    run, out, setup_s = set_up(name, model, dtype, x, device)
+                    runners[name] = run
+                    group.append(dict(arch=arch, dtype=dtype_name, batch=batch, peer=name, setup_s=setup_s, error_vs_fp32=relative_error(out.float(), expected)))
+                times = interleaved_ms({name: (lambda run=run: run(x)) for name, run in runners.items()}, device, reps=args.reps, warmup=args.warmup)
+                for row in group:
+                    p20, median, p80 = quantiles(times[row["peer"]])
+                    row.update(median_ms=median, p20_ms=p20, p80_ms=p80, spread=(p80 - p20) / median, img_per_s=batch / median * 1e3)
                 by_peer = {r["peer"]: r["median_ms"] for r in group}
                 for row in group:
-                    for column, peer in (("vs_eager", "eager NCHW"), ("vs_max_autotune", "compile max-autotune+freezing")):
+                    for column, peer in RATIOS.items():
                         row[column] = by_peer[peer] / row["median_ms"] if peer in by_peer else None
+                    print(
+                        f"{arch} {dtype_name} batch {batch:4d} {row['peer']:30s} {row['median_ms']:9.3f} ms "
+                        f"(p20-p80 {row['spread']:5.1%}) {row['img_per_s']:9.1f} img/s  {_ratios(row)}"
+                        f"setup {row['setup_s']:6.2f} s  error {row['error_vs_fp32']:.2e}",
+                        flush=True,
+                    )
+                    if row["spread"] > MAX_SPREAD:
+                        print(f"  warning: p20-p80 spread {row['spread']:.1%} is above {MAX_SPREAD:.0%}: the machine was busy; re-run it quiet", flush=True)
                 rows += group
-            del runners
-            gc.collect()
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+                del runners
+                gc.collect()
+                torch.cuda.empty_cache() if device.type == "cuda" else None
     return rows
+
+
+def _ratios(row) -> str:
+    return "".join(f"{row[c]:5.2f}x {c}  " for c in RATIOS if row[c] is not None)
+
+
+def cpu_goals(rows: list[dict]) -> str:
+    """Ours against Inductor with freezing in every cell, and fr.fuse-to-first-output against its compile time."""
+    lines = []
+    cells = dict.fromkeys((r["arch"], r["dtype"], r["batch"]) for r in rows)
+    for arch, dtype, batch in cells:
+        cell = {r["peer"]: r for r in rows if (r["arch"], r["dtype"], r["batch"]) == (arch, dtype, batch)}
+        ours, frozen = cell.get("ours auto"), cell.get("compile freezing")
+        if ours is None or frozen is None:
+            continue
+        lines.append(
+            f"- {arch} {dtype} batch {batch}: ours {ours['median_ms']:.1f} ms = {ours['vs_freezing']:.2f}x Inductor freezing "
+            f"({frozen['median_ms']:.1f} ms), {ours['vs_eager']:.2f}x eager NCHW; fr.fuse to first output {ours['setup_s']:.2f} s "
+            f"= {ours['setup_s'] / frozen['setup_s']:.1%} of Inductor's compile + first call ({frozen['setup_s']:.1f} s)"
+        )
+    noisy = sum(r["spread"] > MAX_SPREAD for r in rows)
+    if noisy:
+        lines.append(f"- {noisy} of {len(rows)} rows had a p20-p80 spread above {MAX_SPREAD:.0%}")
+    return "\n".join(lines)
 
 
 def goals(rows: list[dict]) -> str:
@@ -112,26 +177,39 @@ def chart(rows: list[dict]):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50", "resnet101", "resnext50_32x4d"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 128, 256])
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--peers", nargs="+", choices=list(peers.ALL), default=list(peers.ALL))
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 8 32 128 256 (GPU), 1 8 (CPU)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None, help="default: all (GPU), float32 bfloat16 (CPU)")
+    parser.add_argument("--peers", nargs="+", choices=list(peers.ALL), default=None, help="default: all (GPU), peers.CPU (CPU)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="ResNet-50, fp16, batch 1 and 256")
+    parser.add_argument("--reps", type=int, default=20, help="round-robin rounds: timed samples per peer")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for every peer (default: torch's); recorded with the run")
+    parser.add_argument("--quick", action="store_true", help="GPU: ResNet-50, fp16, batch 1 and 256; CPU: resnet18/50, batch 1 and 8, fp32 and bf16")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_cpu = device.type == "cpu"
+    args.batches = args.batches or ([1, 8] if on_cpu else [1, 8, 32, 128, 256])
+    args.dtypes = args.dtypes or (["float32", "bfloat16"] if on_cpu else list(DTYPES))
+    args.peers = args.peers or list(peers.CPU if on_cpu else peers.ALL)
     if args.quick:
-        args.archs, args.dtypes, args.batches = ["resnet50"], ["float16"], [1, 256]
-    if device.type == "cpu":
-        print("no GPU: timing on the CPU", flush=True)
+        args.archs, args.dtypes, args.batches = (
+            (["resnet18", "resnet50"], ["float32", "bfloat16"], [1, 8]) if on_cpu else (["resnet50"], ["float16"], [1, 256])
+        )
+    # Compile times as on a fresh machine: Inductor's caches start empty in every run.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cache-"))
+    if on_cpu:
+        print(f"timing on the CPU with {torch.get_num_threads()} threads", flush=True)
+    env = environment(device)  # before measuring: the load average and commit the run started with
     rows = measure(args, device)
-    summary = goals(rows)
+    summary = cpu_goals(rows) if on_cpu else goals(rows)
     print(summary)
     if not args.no_write:
-        write("end_to_end", rows, COLUMNS, environment(device), summary, chart(rows))
+        write("end_to_end", rows, COLUMNS, env, summary, chart(rows))
     return 0
 
 

@@ -2,13 +2,17 @@
 
 One run writes benchmarks/results/<name>-<UTC time>.json (every row carries the environment), a
 Markdown table beside it (its summary under the table), and a PNG chart when matplotlib is there.
-Then the README's results section is rewritten to show the newest GPU run of each benchmark.
+Then the README's results section is rewritten to show the newest GPU run of each benchmark and the
+newest CPU run of the end-to-end benchmark, each labelled with its device (a CPU with its model,
+instruction-set extensions and thread count).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -17,9 +21,22 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 README = RESULTS.parent.parent / "README.md"
 BENCHMARKS = ("end_to_end", "per_layer")
+CPU_BENCHMARKS = ("end_to_end",)
 # The README lines between these two markers are this module's to rewrite.
-SECTION_START = "<!-- newest GPU results: written by benchmarks/results_io.py -->"
-SECTION_END = "<!-- end of newest GPU results -->"
+SECTION_START = "<!-- newest results: written by benchmarks/results_io.py -->"
+SECTION_END = "<!-- end of newest results -->"
+
+
+def cpu_name() -> str:
+    """The CPU's model, with the extensions that decide oneDNN's bf16 path: "AMD EPYC (AVX512-BF16, no AMX)"."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    features = ["AVX512-BF16" if "avx512_bf16" in flags else "no AVX512-BF16", "AMX" if "amx_bf16" in flags else "no AMX"]
+    return f"{model} ({', '.join(features)})"
 
 
 def environment(device: torch.device) -> dict:
@@ -39,7 +56,10 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit = None
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_type": device.type,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "driver": None,
         "torch": torch.__version__,
         "triton": triton_version,
@@ -76,10 +96,15 @@ def write(name: str, rows: list[dict], columns: list[str], env: dict, summary: s
     stamp = env["time"].replace(":", "").replace("+0000", "Z").replace("+00:00", "Z")
     base = RESULTS / f"{name}-{stamp}"
     base.with_suffix(".json").write_text(json.dumps([{**row, **env} for row in rows], indent=1) + "\n")
-    header = (
-        f"# {name}\n\n{env['device']}, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, "
-        f"CUDA {env['cuda']}, cuDNN {env['cudnn']}, commit {env['commit']}, {env['time']}\n\n"
-    )
+    if env.get("device_type") == "cpu":
+        load = "" if env.get("load_average") is None else f" (load average {env['load_average']:.2f} at the start)"
+        machine = f"{env['device']}, {env['threads']} threads{load}, torch {env['torch']}"
+    else:
+        machine = (
+            f"{env['device']}, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, "
+            f"CUDA {env['cuda']}, cuDNN {env['cudnn']}"
+        )
+    header = f"# {name}\n\n{machine}, commit {env['commit']}, {env['time']}\n\n"
     base.with_suffix(".md").write_text(header + markdown_table(rows, columns) + "\n\n" + summary + "\n")
     if chart is not None:
         try:
@@ -96,25 +121,31 @@ def write(name: str, rows: list[dict], columns: list[str], env: dict, summary: s
     return base
 
 
-def newest_gpu_runs(results: Path) -> list[Path]:
-    """The Markdown file of the newest run of each benchmark that ran on a GPU (file names sort by time)."""
+def _ran_on_cpu(row: dict) -> bool:
+    return row.get("device_type", row.get("device")) == "cpu"  # runs written before device_type: "cpu"
+
+
+def newest_runs(results: Path) -> list[Path]:
+    """The Markdown file of the newest GPU run of each benchmark, then of the newest CPU run of each
+    benchmark in CPU_BENCHMARKS (file names sort by time)."""
     newest = []
-    for name in BENCHMARKS:
-        for path in sorted(results.glob(f"{name}-*.json"), reverse=True):
-            try:
-                rows = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if rows and rows[0].get("device") not in (None, "cpu") and path.with_suffix(".md").exists():
-                newest.append(path.with_suffix(".md"))
-                break
+    for on_cpu, names in ((False, BENCHMARKS), (True, CPU_BENCHMARKS)):
+        for name in names:
+            for path in sorted(results.glob(f"{name}-*.json"), reverse=True):
+                try:
+                    rows = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                if rows and rows[0].get("device") is not None and _ran_on_cpu(rows[0]) == on_cpu and path.with_suffix(".md").exists():
+                    newest.append(path.with_suffix(".md"))
+                    break
     return newest
 
 
 def results_section(runs: list[Path], relative_to: Path) -> str:
-    """Per run: a link to its table (and chart), the line naming its GPU and versions, its summary."""
+    """Per run: a link to its table (and chart), the line naming its device and versions, its summary."""
     if not runs:
-        return "No GPU run is committed yet."
+        return "No run is committed yet."
     parts = []
     for md in runs:
         lines = md.read_text().splitlines()
@@ -140,6 +171,6 @@ def update_readme(readme: Path | None = None, results: Path | None = None) -> bo
         return False
     head, rest = text.split(SECTION_START, 1)
     _, tail = rest.split(SECTION_END, 1)
-    section = results_section(newest_gpu_runs(results), readme.parent)
+    section = results_section(newest_runs(results), readme.parent)
     readme.write_text(f"{head}{SECTION_START}\n{section}\n{SECTION_END}{tail}")
     return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +30,26 @@ def time_ms(fn: Callable[[], object], device: torch.device, iters: int = 20, war
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+@torch.no_grad()
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 15, warmup: int = 2, min_sample_ms: float = 20.0
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, timed round-robin: each of `reps` rounds takes one
+    sample of every function in turn, so a busy spell of a shared machine falls on all of them alike
+    instead of on whichever happened to run then. A sample averages as many back-to-back calls as
+    fill `min_sample_ms` (judged from the last warm-up call), so short calls are not timer noise."""
+    calls = {}
+    for name, fn in fns.items():
+        warm = time_ms(fn, device, iters=1, warmup=warmup - 1)[0] if warmup else 1.0
+        calls[name] = max(1, math.ceil(min_sample_ms / max(warm, 1e-3)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            n = calls[name]
+            times[name].append(sum(time_ms(fn, device, iters=n, warmup=0)) / n)
     return times
 
 

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_resnet as fr
 from fused_resnet import backends, ops
@@ -150,7 +151,7 @@ def test_opcheck_add_relu():
 
 def test_unknown_backend_is_rejected():
     x, weight, bias, res, kw = _make(CONV_CASES[0])
-    with pytest.raises(ValueError, match="unknown backend 'cudnn9'; supported backends are 'cuda', 'triton', 'cudnn', 'torch' and 'auto'"):
+    with pytest.raises(ValueError, match="unknown backend 'cudnn9'; supported backends are 'cuda', 'triton', 'cudnn', 'onednn', 'torch' and 'auto'"):
         ops.conv2d_bias_act(x, weight, backend="cudnn9")
     with pytest.raises(ValueError, match="unknown backend"):
         ops.add_relu(x, x, backend="fast")
@@ -274,3 +275,44 @@ def test_invalid_arguments_raise_clear_errors(change, error, match):
 def test_add_relu_rejects_bad_arguments(x, y, backend, error, match):
     with pytest.raises(error, match=match):
         ops.add_relu(x, y, backend=backend)
+
+
+def _counting(monkeypatch, name):
+    """Replaces the registered op `name` used by the public functions with a wrapper that counts calls."""
+    calls, op = [], getattr(ops, name)
+
+    def counted(*args):
+        calls.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(ops, name, counted)
+    return calls
+
+
+class _Recording(TorchDispatchMode):
+    """A dispatch mode (as torch.export and FakeTensor use) that lets every op through."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "context, requires_grad, dispatched",
+    [
+        (torch.no_grad, True, False),
+        (torch.inference_mode, False, False),
+        (torch.enable_grad, False, False),  # nothing to record: no input requires grad
+        (torch.enable_grad, True, True),  # autograd must see the op
+        (_Recording, False, True),
+        (torch.autograd.forward_ad.dual_level, False, True),
+    ],
+)
+def test_only_plain_eager_calls_skip_the_dispatcher(monkeypatch, context, requires_grad, dispatched):
+    conv_calls, add_calls = _counting(monkeypatch, "_conv2d_bias_act"), _counting(monkeypatch, "_add_relu")
+    x, weight, bias, res, kw = _make(CONV_CASES[3], requires_grad=requires_grad)
+    with context():
+        out = ops.conv2d_bias_act(x, weight, bias, res, backend="torch", **kw)
+        summed = ops.add_relu(res, res, backend="torch")
+    assert (len(conv_calls), len(add_calls)) == ((1, 1) if dispatched else (0, 0))
+    assert_close_fp32(out.detach(), Reference.conv2d_bias_act(x, weight, bias, res, relu=True, **kw))
+    torch.testing.assert_close(summed.detach(), (res + res).relu().detach())

@@ -113,8 +113,27 @@ def test_triton_interpreter_matches_float64(case):
     check(case, "triton")
 
 
+ONEDNN = backends.get("onednn")
+ONEDNN_DTYPES = [d for d in LOW_PRECISION if ONEDNN.conv_unsupported_reason(torch.empty(0, dtype=d), *[None] * 7) is None]
+
+
+@pytest.mark.skipif(ONEDNN.unavailable_reason(torch.device("cpu")) is not None, reason="PyTorch built without oneDNN")
+@given(
+    conv_cases(
+        max_batch=3, channels=[1, 2, 3, 5, 8], max_size=9, kernels=[1, 2, 3, 5], max_groups=3,
+        dtypes=ONEDNN_DTYPES, device="cpu",
+    )
+)  # fmt: skip
+def test_onednn_matches_float64(case):
+    assert unsupported_reason("onednn", case) is None  # oneDNN computes every case drawn here itself
+    calls = ONEDNN.calls
+    check(case, "onednn")
+    assert ONEDNN.calls == calls + (case[0].shape[0] > 0)  # an empty batch never reaches a backend
+
+
+
 # The reference computes with eager PyTorch's ops: comparing it with eager proves nothing.
-GPU_BACKENDS = [b for b in (backends.available("cuda") if HAS_CUDA else backends.NAMES) if b != "torch"]
+GPU_BACKENDS = [b for b in (backends.available("cuda") if HAS_CUDA else backends.NAMES) if b not in ("torch", "onednn")]
 GPU_CASES = dict(
     max_batch=4, channels=[1, 3, 8, 16, 24, 40, 64], max_size=20, kernels=[1, 3, 5, 7], max_groups=4,
     dtypes=LOW_PRECISION, device="cuda",

@@ -36,6 +36,12 @@ GPU_BACKENDS = backends.available("cuda") if torch.cuda.is_available() else list
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
 # The dtypes a backend's kernels serve, where not all of float32, float16 and bfloat16.
 SERVED_DTYPES = {"cuda": (torch.float16, torch.bfloat16)}
+if "onednn" in BACKENDS:  # float16 only on CPUs with AVX512-FP16 or AVX-NE-CONVERT: ask the backend
+    SERVED_DTYPES["onednn"] = tuple(
+        dtype
+        for dtype in (torch.float32, torch.bfloat16, torch.float16)
+        if backends.get("onednn").conv_unsupported_reason(torch.empty(0, dtype=dtype), *[None] * 7) is None
+    )
 
 
 def served_dtype(backend: str, dtype: torch.dtype = torch.float32) -> torch.dtype:
@@ -240,7 +246,7 @@ def test_nan_and_inf_propagate_like_eager(backend, dtype, relu, served_by):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if served_dtype(b, torch.float16) == torch.float16])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
 def test_float16_overflow_saturates_like_eager(backend, relu, served_by):
     """fp16 sums past 65504 become Inf, as in eager. Every value is exact in fp16 and fp32 and none

@@ -37,7 +37,7 @@ import torch
 
 from .. import autotune, self_check
 
-NAMES = ("cuda", "triton", "cudnn", "torch")
+NAMES = ("cuda", "triton", "cudnn", "onednn", "torch")
 
 # With STRICT, a named backend that does not serve a case raises instead of falling back to the
 # reference: the test suite sets FUSED_RESNET_STRICT=1, so that a test of a backend cannot pass on
@@ -48,9 +48,10 @@ STRICT = os.environ.get("FUSED_RESNET_STRICT", "0") == "1"
 def auto_order(device: torch.device) -> tuple[str, ...]:
     """Preference order for backend="auto": the first that is available and serves the case wins.
 
-    On the CPU that is always the reference: Triton runs there only through its (slow) interpreter.
+    Elsewhere: oneDNN when it is available (a CPU, PyTorch built with it) and serves the case, else
+    the reference. Triton runs on the CPU only through its slow interpreter.
     """
-    return NAMES if device.type == "cuda" else ("torch",)
+    return NAMES if device.type == "cuda" else ("onednn", "torch")
 
 
 _MODULES = {
@@ -58,6 +59,7 @@ _MODULES = {
     "triton": "fused_resnet.backends.triton",
     "cuda": "fused_resnet.backends.cuda",
     "cudnn": "fused_resnet.backends.cudnn",
+    "onednn": "fused_resnet.backends.onednn",
 }
 _loaded: dict[str, ModuleType] = {}
 _warned: set[tuple[str, str]] = set()
@@ -68,7 +70,7 @@ _lock = threading.RLock()
 
 
 def get(name: str) -> ModuleType:
-    """The backend module called `name` ("torch", "triton" or "cuda")."""
+    """The backend module called `name` (one of NAMES)."""
     if name not in _MODULES:
         raise ValueError(
             f"unknown backend {name!r}; supported backends are {', '.join(repr(n) for n in NAMES)} and 'auto'"
