@@ -1,0 +1,239 @@
+"""fr.fuse beyond plain torchvision ResNets: timm ResNets (B/C/D/T, SE, ECA, ResNeXt, pre-activation v2),
+detection and segmentation models, mobilenet_v2, vgg11_bn, user blocks that subclass torchvision's.
+
+For each model: parity with eager (DESIGN.md's rule, randomised BN, fp32 CPU), the number of batch-norm
+operators that still run (0 wherever every BatchNorm directly follows a conv), the input model unchanged.
+"""
+
+import copy
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import fused_resnet as fr
+from fused_resnet.fold import BN_TYPES
+from fused_resnet.parity import parity, randomize_bn_
+
+aten = torch.ops.aten
+# Every way eager PyTorch runs an eval-mode BatchNorm on the CPU, and FrozenBatchNorm2d's hand-written
+# one (x * scale + bias, scale from an rsqrt of its running_var at every call: nothing else in these
+# models takes an rsqrt).
+BATCH_NORM_OPS = {
+    aten._native_batch_norm_legit,
+    aten._native_batch_norm_legit_no_training,
+    aten.native_batch_norm,
+    aten.batch_norm,
+    aten.rsqrt,
+}
+
+
+class CountBatchNormOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in BATCH_NORM_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def batch_norm_ops(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), CountBatchNormOps() as counter:
+        model(x)
+    return counter.count
+
+
+class SqueezeExcitationBottleneck(Bottleneck):
+    """A user's block: torchvision's Bottleneck with squeeze-excitation before the residual add."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        width = self.conv3.out_channels
+        self.se_reduce = nn.Conv2d(width, width // 4, 1)
+        self.se_expand = nn.Conv2d(width // 4, width, 1)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        gate = torch.sigmoid(self.se_expand(self.relu(self.se_reduce(out.mean((2, 3), keepdim=True)))))
+        return self.relu(out * gate + identity)
+
+
+def _timm(name):
+    return lambda: timm.create_model(name, pretrained=False)
+
+
+# name -> (builder, BN operators expected at run time after fusing)
+MODELS = {
+    **{f"timm:{name}": (_timm(name), 0) for name in (
+        "resnet18", "resnet50", "resnet50c", "resnet50d", "resnet26t", "seresnet50", "ecaresnet50d", "resnext50_32x4d",
+    )},  # fmt: skip
+    # Each block's first BatchNorm + ReLU acts on the residual stream (after an add, not a conv), as does
+    # the final norm: 16 + 1 stay.
+    "timm:resnetv2_50": (_timm("resnetv2_50"), 17),
+    "fasterrcnn_fpn_backbone": (lambda: resnet_fpn_backbone(backbone_name="resnet50", weights=None), 0),
+    "fasterrcnn_fpn_backbone_batchnorm": (
+        lambda: resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d),
+        0,
+    ),
+    "deeplabv3_resnet50": (
+        lambda: torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None),
+        0,
+    ),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None), 0),
+    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(weights=None), 0),
+    "se_subclass_of_bottleneck": (lambda: ResNet(SqueezeExcitationBottleneck, [1, 2, 1, 1], num_classes=10), 0),
+}
+SLOW = {"deeplabv3_resnet50", "vgg11_bn", "fasterrcnn_fpn_backbone", "fasterrcnn_fpn_backbone_batchnorm"}
+
+
+def _outputs(result):
+    """A model's tensors: a tensor itself, or the values of the dict that detection/segmentation models return."""
+    return list(result.values()) if isinstance(result, dict) else [result]
+
+
+def _assert_parity(model, fused, x):
+    with torch.no_grad():
+        result = parity(fused(x), model(x), copy.deepcopy(model).double()(x.double()))
+    assert result.ok, result
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [(n, type(m)) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS]
+)
+def test_model_is_fused_with_parity_and_no_batch_norm_left(name):
+    builder, expected_bn_ops = MODELS[name]
+    torch.manual_seed(0)
+    model = randomize_bn_(builder().eval(), torch.Generator().manual_seed(1))
+    states, modules = _state(model)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+
+    fused = fr.fuse(model, backend="torch")
+
+    assert batch_norm_ops(model, x) == sum(isinstance(m, BN_TYPES) for m in model.modules())  # the counter sees BN
+    assert batch_norm_ops(fused, x) == expected_bn_ops
+    with torch.no_grad():
+        reference, eager, ours = (_outputs(r) for r in (copy.deepcopy(model).double()(x.double()), model(x), fused(x)))
+    assert len(ours) == len(eager)
+    for out, eager_out, ref in zip(ours, eager, reference):
+        result = parity(out, eager_out, ref)
+        assert result.ok, result
+    after_states, after_modules = _state(model)
+    assert after_modules == modules
+    assert after_states.keys() == states.keys() and all(torch.equal(states[k], after_states[k]) for k in states)
+
+
+def test_squeeze_excitation_subclass_keeps_its_gate():
+    model = randomize_bn_(ResNet(SqueezeExcitationBottleneck, [1, 1, 1, 1], num_classes=10).eval())
+    fused = fr.fuse(model, backend="torch")
+    assert not any(isinstance(m, fr.FusedBottleneck) for m in fused.modules())
+    names = {name for name, _ in fused.named_modules()}
+    assert all(f"layer{i}.0.se_reduce" in names and f"layer{i}.0.se_expand" in names for i in range(1, 5))
+
+
+def test_block_subclass_with_another_activation_is_not_taken_for_torchvision_block():
+    """Same forward as torchvision's, but a SiLU where torchvision has ReLU: the fused twin would be wrong."""
+    model = randomize_bn_(ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10).eval())
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        layer[0].relu = nn.SiLU()
+    fused = fr.fuse(model, backend="torch")
+    assert not isinstance(fused, fr.FusedResNet)
+    assert not any(isinstance(m, fr.FusedBottleneck) for m in fused.modules())
+    assert sum(isinstance(m, nn.SiLU) for m in fused.modules()) == 4
+    x = torch.randn(2, 3, 32, 32)
+    _assert_parity(model, fused, x)
+
+
+def test_non_relu_activation_is_kept_after_the_folded_conv():
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 5, 1)).eval())
+    fused = fr.fuse(model, backend="torch")
+    assert [type(m) for m in fused] == [fr.FusedConv2d, nn.Identity, nn.SiLU, nn.Conv2d]
+    assert not fused[0].relu
+    x = torch.randn(1, 3, 9, 7)
+    _assert_parity(model, fused, x)
+
+
+def test_conv_output_used_twice_is_not_fused_away():
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = randomize_bn_(TwoUses().eval())
+    with pytest.warns(UserWarning, match="nothing in TwoUses could be fused"):
+        fused, groups = fr.convert.fuse_with_report(model, backend="torch")
+    assert [(g.name, g.fused) for g in groups] == [("bn", False)]
+    assert "used 2 times" in groups[0].reason
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+
+
+def test_shared_conv_called_twice_is_fused_at_both_call_sites():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.bn(self.conv(self.relu(self.bn(self.conv(x))))))
+
+    model = randomize_bn_(Twice().eval())
+    fused = fr.fuse(model, backend="torch")
+    x = torch.randn(2, 4, 6, 6)
+    assert batch_norm_ops(fused, x) == 0
+    _assert_parity(model, fused, x)
+
+
+def test_frozen_batch_norm_counter_counts_it():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4)).eval()
+    assert batch_norm_ops(model, torch.randn(1, 3, 2, 2)) == 1
+    assert batch_norm_ops(fr.fuse(model, backend="torch"), torch.randn(1, 3, 2, 2)) == 0
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 33, 31), (1, 3, 1, 1)])
+def test_timm_resnet50d_layouts_and_odd_sizes(layout, shape):
+    model = randomize_bn_(timm.create_model("resnet50d", pretrained=False, num_classes=10).eval())
+    fused = fr.fuse(model, backend="torch")
+    x = torch.randn(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _assert_parity(model, fused, x)
+
+
+def test_grouped_and_dilated_convs_fold():
+    model = randomize_bn_(nn.Sequential(
+        nn.Conv2d(12, 12, 3, padding=2, dilation=2, groups=3, bias=False), nn.BatchNorm2d(12), nn.ReLU(inplace=True),
+        nn.Conv2d(12, 7, 3, padding=1, groups=1), nn.BatchNorm2d(7),
+    ).eval())  # fmt: skip
+    fused = fr.fuse(model, backend="torch")
+    x = torch.randn(2, 12, 11, 9)
+    assert batch_norm_ops(fused, x) == 0
+    _assert_parity(model, fused, x)
+
+
+def test_timm_state_dict_round_trips_bit_for_bit(tmp_path):
+    fused = fr.fuse(randomize_bn_(timm.create_model("resnet26t", pretrained=False).eval()), dtype=torch.float16)
+    torch.save(fused.state_dict(), tmp_path / "fused.pt")
+    fresh = fr.fuse(randomize_bn_(timm.create_model("resnet26t", pretrained=False).eval()), dtype=torch.float16)
+    fresh.load_state_dict(torch.load(tmp_path / "fused.pt", weights_only=True))
+    bits = lambda t: t.detach().contiguous().view(torch.uint8)  # noqa: E731
+    assert fresh.state_dict().keys() == fused.state_dict().keys()
+    assert all(torch.equal(bits(v), bits(fresh.state_dict()[k])) for k, v in fused.state_dict().items())
