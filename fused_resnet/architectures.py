@@ -1,4 +1,7 @@
-"""The torchvision models fused_resnet converts, by name, built with random weights (no download)."""
+"""The models fused_resnet converts, by name, built with random weights (no download).
+
+Names are torchvision's (ARCHITECTURES) or `timm:<name>` for any timm model (timm is optional).
+"""
 
 from __future__ import annotations
 
@@ -26,14 +29,47 @@ TORCHVISION_RESNETS = (
 ARCHITECTURES = {name: (getattr(tvm, name), {}) for name in TORCHVISION_RESNETS}
 ARCHITECTURES["resnet50_dilated"] = (tvm.resnet50, {"replace_stride_with_dilation": [False, True, True]})
 ARCHITECTURES["resnet50_frozen_bn"] = (tvm.resnet50, {"norm_layer": FrozenBatchNorm2d})
+TIMM_PREFIX = "timm:"
+
+
+def check_name(name: str) -> str:
+    """`name` if it names a model this module can build; otherwise a ValueError saying what can be built."""
+    if name in ARCHITECTURES:
+        return name
+    if name.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"{name!r} needs timm, which is not installed: pip install timm") from None
+        if timm.is_model(name.removeprefix(TIMM_PREFIX)):
+            return name
+        raise ValueError(f"timm has no model {name.removeprefix(TIMM_PREFIX)!r} (see timm.list_models())")
+    raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}, or timm:<name> for a timm model")
+
+
+def classifier_weight_key(name: str) -> str:
+    """The state_dict key of the classifier's weight, whose first dimension is the number of classes."""
+    if check_name(name).startswith(TIMM_PREFIX):
+        from timm.models import get_pretrained_cfg_value
+
+        return get_pretrained_cfg_value(name.removeprefix(TIMM_PREFIX), "classifier") + ".weight"
+    return "fc.weight"
+
+
+def create(name: str, num_classes: int = 1000) -> nn.Module:
+    """The model `name` with random weights, in eval mode."""
+    if check_name(name).startswith(TIMM_PREFIX):
+        import timm
+
+        return timm.create_model(name.removeprefix(TIMM_PREFIX), pretrained=False, num_classes=num_classes).eval()
+    constructor, kwargs = ARCHITECTURES[name]
+    return constructor(weights=None, num_classes=num_classes, **kwargs).eval()
 
 
 def build(name: str, generator: torch.Generator | None = None, randomize_bn: bool = True) -> nn.Module:
     """A randomly initialised model in eval mode, its BatchNorm statistics randomised unless told not to."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
-    constructor, kwargs = ARCHITECTURES[name]
+    check_name(name)
     if generator is not None:
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-    model = constructor(weights=None, **kwargs).eval()
+    model = create(name)
     return randomize_bn_(model, generator) if randomize_bn else model
