@@ -1,6 +1,7 @@
 """The models fused_resnet converts, by name, built with random weights (no download).
 
-Names are torchvision's (ARCHITECTURES) or `timm:<name>` for any timm model (timm is optional).
+Names are torchvision's ResNets (ARCHITECTURES), other torchvision models with conv + BN that the graph
+pass fuses (OTHER_MODELS), or `timm:<name>` for any timm model (timm is optional).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 import torchvision.models as tvm
 from torch import nn
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .parity import randomize_bn_
@@ -29,12 +31,24 @@ TORCHVISION_RESNETS = (
 ARCHITECTURES = {name: (getattr(tvm, name), {}) for name in TORCHVISION_RESNETS}
 ARCHITECTURES["resnet50_dilated"] = (tvm.resnet50, {"replace_stride_with_dilation": [False, True, True]})
 ARCHITECTURES["resnet50_frozen_bn"] = (tvm.resnet50, {"norm_layer": FrozenBatchNorm2d})
+# name -> constructor taking num_classes (ignored by the backbones, which have no classifier)
+OTHER_MODELS = {
+    "fasterrcnn_fpn_backbone": lambda num_classes: resnet_fpn_backbone(backbone_name="resnet50", weights=None),
+    "fasterrcnn_fpn_backbone_batchnorm": lambda num_classes: resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d
+    ),
+    "deeplabv3_resnet50": lambda num_classes: tvm.segmentation.deeplabv3_resnet50(
+        weights=None, weights_backbone=None, num_classes=num_classes
+    ),
+    "mobilenet_v2": lambda num_classes: tvm.mobilenet_v2(weights=None, num_classes=num_classes),
+    "vgg11_bn": lambda num_classes: tvm.vgg11_bn(weights=None, num_classes=num_classes),
+}
 TIMM_PREFIX = "timm:"
 
 
 def check_name(name: str) -> str:
     """`name` if it names a model this module can build; otherwise a ValueError saying what can be built."""
-    if name in ARCHITECTURES:
+    if name in ARCHITECTURES or name in OTHER_MODELS:
         return name
     if name.startswith(TIMM_PREFIX):
         try:
@@ -44,7 +58,7 @@ def check_name(name: str) -> str:
         if timm.is_model(name.removeprefix(TIMM_PREFIX)):
             return name
         raise ValueError(f"timm has no model {name.removeprefix(TIMM_PREFIX)!r} (see timm.list_models())")
-    raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}, or timm:<name> for a timm model")
+    raise ValueError(f"unknown architecture {name!r}; known: {', '.join([*ARCHITECTURES, *OTHER_MODELS])}, or timm:<name> for a timm model")
 
 
 def classifier_weight_key(name: str) -> str:
@@ -62,6 +76,8 @@ def create(name: str, num_classes: int = 1000) -> nn.Module:
         import timm
 
         return timm.create_model(name.removeprefix(TIMM_PREFIX), pretrained=False, num_classes=num_classes).eval()
+    if name in OTHER_MODELS:
+        return OTHER_MODELS[name](num_classes).eval()
     constructor, kwargs = ARCHITECTURES[name]
     return constructor(weights=None, num_classes=num_classes, **kwargs).eval()
 

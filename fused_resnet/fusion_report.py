@@ -7,11 +7,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .convert import fuse_with_report
 from .fold import BN_TYPES
 from .graph_fuse import FusionGroup
+
+
+aten = torch.ops.aten
+# Every way eager PyTorch runs an eval-mode BatchNorm on the CPU, and torchvision FrozenBatchNorm2d's
+# hand-written one (x * scale + bias, its scale from an rsqrt of running_var at every call; nothing
+# else in a ResNet takes an rsqrt).
+BATCH_NORM_OPS = {
+    aten._native_batch_norm_legit,
+    aten._native_batch_norm_legit_no_training,
+    aten.native_batch_norm,
+    aten.batch_norm,
+    aten.rsqrt,
+}
+
+
+class _CountBatchNormOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in BATCH_NORM_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def batch_norm_ops(model: nn.Module, *inputs) -> int:
+    """How many batch-norm operators run while `model` computes `model(*inputs)`."""
+    with torch.no_grad(), _CountBatchNormOps() as counter:
+        model(*inputs)
+    return counter.count
 
 
 def _batch_norms(model: nn.Module) -> int:

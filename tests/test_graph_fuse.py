@@ -6,47 +6,20 @@ operators that still run (0 wherever every BatchNorm directly follows a conv), t
 """
 
 import copy
+from collections import Counter
+
 import pytest
 import timm
 import torch
-import torchvision
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fused_resnet as fr
 from fused_resnet.fold import BN_TYPES
+from fused_resnet.fusion_report import batch_norm_ops
+from fused_resnet.architectures import OTHER_MODELS, create
 from fused_resnet.parity import parity, randomize_bn_
-
-aten = torch.ops.aten
-# Every way eager PyTorch runs an eval-mode BatchNorm on the CPU, and FrozenBatchNorm2d's hand-written
-# one (x * scale + bias, scale from an rsqrt of its running_var at every call: nothing else in these
-# models takes an rsqrt).
-BATCH_NORM_OPS = {
-    aten._native_batch_norm_legit,
-    aten._native_batch_norm_legit_no_training,
-    aten.native_batch_norm,
-    aten.batch_norm,
-    aten.rsqrt,
-}
-
-
-class CountBatchNormOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket in BATCH_NORM_OPS
-        return func(*args, **(kwargs or {}))
-
-
-def batch_norm_ops(model: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), CountBatchNormOps() as counter:
-        model(x)
-    return counter.count
 
 
 class SqueezeExcitationBottleneck(Bottleneck):
@@ -67,30 +40,15 @@ class SqueezeExcitationBottleneck(Bottleneck):
         return self.relu(out * gate + identity)
 
 
-def _timm(name):
-    return lambda: timm.create_model(name, pretrained=False)
-
-
-# name -> (builder, BN operators expected at run time after fusing)
+# name (see fused_resnet.architectures) -> BN operators expected at run time after fusing
 MODELS = {
-    **{f"timm:{name}": (_timm(name), 0) for name in (
+    **{f"timm:{name}": 0 for name in (
         "resnet18", "resnet50", "resnet50c", "resnet50d", "resnet26t", "seresnet50", "ecaresnet50d", "resnext50_32x4d",
     )},  # fmt: skip
     # Each block's first BatchNorm + ReLU acts on the residual stream (after an add, not a conv), as does
     # the final norm: 16 + 1 stay.
-    "timm:resnetv2_50": (_timm("resnetv2_50"), 17),
-    "fasterrcnn_fpn_backbone": (lambda: resnet_fpn_backbone(backbone_name="resnet50", weights=None), 0),
-    "fasterrcnn_fpn_backbone_batchnorm": (
-        lambda: resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d),
-        0,
-    ),
-    "deeplabv3_resnet50": (
-        lambda: torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None),
-        0,
-    ),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None), 0),
-    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(weights=None), 0),
-    "se_subclass_of_bottleneck": (lambda: ResNet(SqueezeExcitationBottleneck, [1, 2, 1, 1], num_classes=10), 0),
+    "timm:resnetv2_50": 17,
+    **dict.fromkeys(OTHER_MODELS, 0),
 }
 SLOW = {"deeplabv3_resnet50", "vgg11_bn", "fasterrcnn_fpn_backbone", "fasterrcnn_fpn_backbone_batchnorm"}
 
@@ -110,20 +68,12 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}, [(n, type(m)) for n, m in model.named_modules()]
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS]
-)
-def test_model_is_fused_with_parity_and_no_batch_norm_left(name):
-    builder, expected_bn_ops = MODELS[name]
-    torch.manual_seed(0)
-    model = randomize_bn_(builder().eval(), torch.Generator().manual_seed(1))
+def _check_fused(model, x, bn_ops_left=0):
+    """fr.fuse(model): parity with eager, `bn_ops_left` batch-norm operators at run time, `model` unchanged."""
     states, modules = _state(model)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-
     fused = fr.fuse(model, backend="torch")
-
     assert batch_norm_ops(model, x) == sum(isinstance(m, BN_TYPES) for m in model.modules())  # the counter sees BN
-    assert batch_norm_ops(fused, x) == expected_bn_ops
+    assert batch_norm_ops(fused, x) == bn_ops_left
     with torch.no_grad():
         reference, eager, ours = (_outputs(r) for r in (copy.deepcopy(model).double()(x.double()), model(x), fused(x)))
     assert len(ours) == len(eager)
@@ -133,11 +83,19 @@ def test_model_is_fused_with_parity_and_no_batch_norm_left(name):
     after_states, after_modules = _state(model)
     assert after_modules == modules
     assert after_states.keys() == states.keys() and all(torch.equal(states[k], after_states[k]) for k in states)
+    return fused
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
+def test_model_is_fused_with_parity_and_no_batch_norm_left(name):
+    torch.manual_seed(0)
+    model = randomize_bn_(create(name), torch.Generator().manual_seed(1))
+    _check_fused(model, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)), MODELS[name])
 
 
 def test_squeeze_excitation_subclass_keeps_its_gate():
-    model = randomize_bn_(ResNet(SqueezeExcitationBottleneck, [1, 1, 1, 1], num_classes=10).eval())
-    fused = fr.fuse(model, backend="torch")
+    model = randomize_bn_(ResNet(SqueezeExcitationBottleneck, [1, 2, 1, 1], num_classes=10).eval())
+    fused = _check_fused(model, torch.randn(2, 3, 48, 48))
     assert not any(isinstance(m, fr.FusedBottleneck) for m in fused.modules())
     names = {name for name, _ in fused.named_modules()}
     assert all(f"layer{i}.0.se_reduce" in names and f"layer{i}.0.se_expand" in names for i in range(1, 5))
@@ -237,3 +195,39 @@ def test_timm_state_dict_round_trips_bit_for_bit(tmp_path):
     bits = lambda t: t.detach().contiguous().view(torch.uint8)  # noqa: E731
     assert fresh.state_dict().keys() == fused.state_dict().keys()
     assert all(torch.equal(bits(v), bits(fresh.state_dict()[k])) for k, v in fused.state_dict().items())
+
+
+def test_training_mode_is_refused_with_the_reason():
+    model = timm.create_model("resnet18", pretrained=False).train()
+    with pytest.raises(ValueError, match="20 BatchNorm modules .* training mode.*model.eval"):
+        fr.fuse(model)
+
+
+@pytest.mark.parametrize(
+    "conv, bn, reason",
+    [
+        (nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6), "padding_mode='reflect'"),
+        (nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6, track_running_stats=False), "no running statistics"),
+    ],
+    ids=["reflect_padding", "no_running_statistics"],
+)
+def test_group_that_cannot_fold_is_left_unfused_and_reported(conv, bn, reason):
+    model = randomize_bn_(nn.Sequential(conv, bn, nn.ReLU(), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4)).eval())
+    fused = fr.fuse(model, backend="torch")
+    report = fr.inspect(model)
+    assert [(g.name, g.fused) for g in report.groups] == [("3", True), ("1", False)]
+    assert reason in report.groups[1].reason and reason in str(report)
+    assert report.batch_norms_before == 2 and report.batch_norms_after == 1
+    assert type(fused[0]) is nn.Conv2d and type(fused[1]) is type(bn)
+    _assert_parity(model, fused, torch.randn(2, 3, 7, 5))
+
+
+def test_inspect_names_each_group_and_leaves_the_model_alone():
+    model = randomize_bn_(timm.create_model("resnet50d", pretrained=False, num_classes=10).eval())
+    states, modules = _state(model)
+    report = fr.inspect(model)
+    assert report.batch_norms_before == 55 and report.batch_norms_after == 0 and not report.unfused
+    patterns = Counter(g.pattern for g in report.groups)
+    # deep stem: 3 conv+bn+relu; 16 blocks: 2 conv+bn+relu and conv3+bn+add+relu; 4 avgpool+conv+bn shortcuts
+    assert patterns == {"conv+bn+relu": 3 + 2 * 16, "conv+bn+add+relu": 16, "conv+bn": 4}
+    assert _state(model)[1] == modules and all(torch.equal(v, states[k]) for k, v in model.state_dict().items())
