@@ -231,3 +231,15 @@ def test_inspect_names_each_group_and_leaves_the_model_alone():
     # deep stem: 3 conv+bn+relu; 16 blocks: 2 conv+bn+relu and conv3+bn+add+relu; 4 avgpool+conv+bn shortcuts
     assert patterns == {"conv+bn+relu": 3 + 2 * 16, "conv+bn+add+relu": 16, "conv+bn": 4}
     assert _state(model)[1] == modules and all(torch.equal(v, states[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50d", "resnetv2_50"])
+def test_triton_backend_agrees_under_the_interpreter(name, monkeypatch):
+    """Every fused conv of the graph pass runs the Triton kernel (on the CPU through Triton's interpreter,
+    which takes minutes per model: the smallest input the model takes, 8x8), each output poisoned first."""
+    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
+    model = randomize_bn_(timm.create_model(name, pretrained=False, num_classes=10).eval())
+    fused = fr.fuse(model, backend="triton")
+    assert all(m.backend == "triton" for m in fused.modules() if isinstance(m, fr.FusedConv2d))
+    _assert_parity(model, fused, torch.randn(1, 3, 8, 8))
