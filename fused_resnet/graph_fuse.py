@@ -286,7 +286,8 @@ def fuse_graph(module: nn.Module, backend: str, dtype, groups: list[FusionGroup]
         in_tree = Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
     if isinstance(module, _LEAVES):
         if isinstance(module, BN_TYPES):
-            groups.append(FusionGroup(prefix.rstrip("."), "bn", False, "its parent module could not be traced"))
+            reason = "its parent's forward cannot be traced" if prefix else "a BatchNorm alone: no conv to fold it into"
+            groups.append(FusionGroup(prefix.rstrip("."), "bn", False, reason))
         return module
     try:
         graph = _trace(module)

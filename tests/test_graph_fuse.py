@@ -243,3 +243,9 @@ def test_triton_backend_agrees_under_the_interpreter(name, monkeypatch):
     fused = fr.fuse(model, backend="triton")
     assert all(m.backend == "triton" for m in fused.modules() if isinstance(m, fr.FusedConv2d))
     _assert_parity(model, fused, torch.randn(1, 3, 8, 8))
+
+
+def test_from_block_refuses_a_block_its_twin_would_compute_wrongly():
+    block = SqueezeExcitationBottleneck(64, 16).eval()
+    with pytest.raises(TypeError, match="overrides Bottleneck.forward"):
+        fr.FusedBottleneck.from_block(block)
