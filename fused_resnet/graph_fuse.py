@@ -103,11 +103,17 @@ class _Match:
     pattern: tuple[str, ...]
     conv: fx.Node
     bn: fx.Node | None
-    residual: fx.Node | None
+    add: fx.Node | None
 
     @property
     def last(self) -> fx.Node:
         return self.nodes[-1]
+
+    @property
+    def residual(self) -> fx.Node | None:
+        """The add's other operand, read from the graph as it is now: a chain applied earlier may have
+        replaced the node that computed it."""
+        return None if self.add is None else next(a for a in self.add.args if a not in self.nodes)
 
 
 def _features(bn: nn.Module) -> int:
@@ -133,7 +139,7 @@ def _match(conv: fx.Node, pattern, modules, modules_only: bool) -> _Match | None
             others = [a for a in step.args if a is not previous]
             if len(others) != 1:  # x + x: both operands are the chain's value
                 return None
-            match.residual = others[0]
+            match.add = step
         if kind.startswith("bn"):
             if _features(modules[step.target]) != modules[conv.target].out_channels:
                 return None
@@ -266,10 +272,9 @@ def _owners_of_residual_chains(graph: fx.Graph, modules) -> set[str]:
     """The modules whose forward holds the add of a conv -> (BN ->) add chain ("" is the root)."""
     owners = set()
     for match in _matches(graph, modules, PATTERNS, modules_only=False):
-        if match.residual is None:
+        if match.add is None:
             continue
-        add = next(n for n in match.nodes if n.op != "call_module")
-        stack = [path for path, _ in add.meta.get("nn_module_stack", {}).values()]
+        stack = [path for path, _ in match.add.meta.get("nn_module_stack", {}).values()]
         owner = stack[-1] if stack else ""
         if all(n.op != "call_module" or not owner or n.target.startswith(owner + ".") for n in match.nodes):
             owners.add(owner)

@@ -249,3 +249,22 @@ def test_from_block_refuses_a_block_its_twin_would_compute_wrongly():
     block = SqueezeExcitationBottleneck(64, 16).eval()
     with pytest.raises(TypeError, match="overrides Bottleneck.forward"):
         fr.FusedBottleneck.from_block(block)
+
+
+def test_residual_computed_by_an_earlier_fused_chain_and_used_twice():
+    """The shortcut's conv + BN is fused first; the later chain's residual add must read the fused value."""
+
+    class SharedShortcut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_a, self.bn_a = nn.Conv2d(5, 6, 1), nn.BatchNorm2d(6)
+            self.conv_b, self.bn_b, self.relu = nn.Conv2d(5, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU()
+
+        def forward(self, x):
+            shortcut = self.bn_a(self.conv_a(x))
+            return self.relu(self.bn_b(self.conv_b(x)) + shortcut) + shortcut
+
+    model = randomize_bn_(SharedShortcut().eval())
+    fused = _check_fused(model, torch.randn(2, 5, 7, 6))
+    assert [g.pattern for g in fr.inspect(model).groups] == ["conv+bn", "conv+bn+add+relu"]
+    assert isinstance(fused, torch.fx.GraphModule)
