@@ -140,7 +140,7 @@ setup(
     install_requires=["torch>=2.4", "torchvision"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime", "onnxscript"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime", "onnxscript", "timm"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

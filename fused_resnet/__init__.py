@@ -9,7 +9,8 @@ from .convert import fuse
 from .cuda_graph import CUDAGraphModule
 from .export import export_onnx
 from .fold import fold_bn
+from .fusion_report import inspect
 from .nn import FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedResNet
 
-__all__ = ["fuse", "CUDAGraphModule", "export_onnx", "fold_bn", "ops", "FusedConv2d", "FusedBasicBlock", "FusedBottleneck", "FusedResNet"]
+__all__ = ["fuse", "CUDAGraphModule", "export_onnx", "fold_bn", "inspect", "ops", "FusedConv2d", "FusedBasicBlock", "FusedBottleneck", "FusedResNet"]
 __version__ = "0.1.0"

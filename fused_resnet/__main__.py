@@ -1,13 +1,15 @@
-"""Fuses the conv + BatchNorm + ReLU (and residual add + ReLU) of torchvision ResNets into one kernel
-per convolution, checks the fused model against float64 eager, times it against eager PyTorch and
-torch.compile, and exports it.
+"""Fuses the conv + BatchNorm + ReLU (and residual add + ReLU) of ResNets (torchvision, timm, and any
+model built of conv -> BatchNorm chains) into one kernel per convolution, checks the fused model
+against float64 eager, times it against eager PyTorch and torch.compile, and exports it.
 
     python -m fused_resnet                 fuse a random resnet50, check parity, time eager vs fused
     python -m fused_resnet run  [options]  the same, with options
     python -m fused_resnet bench [--peers ...]  time one model against eager, torch.compile, cuDNN
     python -m fused_resnet verify [options] parity of every architecture (or those named)
     python -m fused_resnet convert --out model.pt2|model.onnx [options]
-                                           export a fused model (torchvision weights or random)
+                                           export a fused model (torchvision or timm weights, or random)
+    python -m fused_resnet inspect --arch timm:resnet50d
+                                           each conv + BN group: fused or not, and why not
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from torch import nn
 import fused_resnet as fr
 
 from . import backends, peers
-from .architectures import ARCHITECTURES, build
+from .architectures import ARCHITECTURES, build, check_name, classifier_weight_key, create
 from .export import ONNX_DTYPES, export_program, save_program
 from .parity import parity, relative_error, top1_agreement
 from .timing import quantiles, time_ms
 
+ARCH_HELP = f"{', '.join(ARCHITECTURES)}, or timm:<name> (any timm model, e.g. timm:resnet50d)"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Fewer timed repetitions than this make p20 and p80 two of a handful of samples.
 MIN_ITERS = 10
@@ -235,10 +238,9 @@ def load_torchvision_weights(arch: str, path: Path) -> nn.Module:
     not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise UsageError(f"{path} holds a dict whose entries {_listed(not_tensors)} are not tensors, not {wanted}")
-    constructor, kwargs = ARCHITECTURES[arch]
-    fc = state.get("fc.weight")
-    num_classes = fc.shape[0] if fc is not None and fc.dim() == 2 else 1000
-    model = constructor(weights=None, num_classes=num_classes, **kwargs).eval()
+    classifier = state.get(classifier_weight_key(arch))
+    num_classes = classifier.shape[0] if classifier is not None and classifier.dim() >= 2 else 1000
+    model = create(arch, num_classes)
     expected = model.state_dict()
     mismatched = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     # load_state_dict, not a comparison of keys, decides what is missing: some modules (FrozenBatchNorm2d)
@@ -307,7 +309,7 @@ def convert(args) -> int:
         model, source = build(args.arch, generator), "random weights, BatchNorm statistics randomised (no --weights)"
     else:
         model = load_torchvision_weights(args.arch, Path(args.weights))
-        source = f"weights from {args.weights} ({model.fc.out_features} classes)"
+        source = f"weights from {args.weights} ({model.state_dict()[classifier_weight_key(args.arch)].shape[0]} classes)"
     model = model.to(device)
     fused = fr.fuse(model, dtype=dtype)
     size = args.image_size
@@ -366,6 +368,18 @@ def _at_least(least: int):
     return parse
 
 
+def inspect(args) -> int:
+    print(fr.inspect(build(args.arch, torch.Generator().manual_seed(args.seed))))
+    return 0
+
+
+def _arch(name: str) -> str:
+    try:
+        return check_name(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on a GPU, else float32")
@@ -394,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         ("bench", "time one model against the peers named with --peers (eager, torch.compile, cuDNN, ours)"),
     ):
         timing_parser = _subcommand(commands, command, text)
-        timing_parser.add_argument("--arch", default="resnet50", choices=list(ARCHITECTURES))
+        timing_parser.add_argument("--arch", default="resnet50", type=_arch, metavar="ARCH", help=ARCH_HELP)
         timing_parser.add_argument(
             "--iters", type=_at_least(MIN_ITERS), default=20, help=f"timed repetitions per peer (at least {MIN_ITERS})"
         )
@@ -406,11 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     convert_parser = _subcommand(
         commands, "convert", "export a fused model to .pt2 (torch.export) or .onnx, re-load it and check it"
     )
-    convert_parser.add_argument("--arch", default="resnet50", choices=list(ARCHITECTURES))
+    convert_parser.add_argument("--arch", default="resnet50", type=_arch, metavar="ARCH", help=ARCH_HELP)
     convert_parser.add_argument(
         "--weights",
         metavar="FILE",
-        help="torch.save(model.state_dict()) of a torchvision model of that architecture, any number of classes "
+        help="torch.save(model.state_dict()) of a torchvision or timm model of that architecture, any number of classes "
         "(default: random weights)",
     )
     convert_parser.add_argument("--out", required=True, metavar="FILE", help="model.pt2 (torch.export) or model.onnx")
@@ -430,16 +444,21 @@ def main(argv: list[str] | None = None) -> int:
         "--aoti", action="store_true", help="write an AOTInductor package (compiled for this machine) instead"
     )
     convert_parser.add_argument("--seed", type=int, default=0)
+    inspect_parser = _subcommand(commands, "inspect", "fuse one model and print each conv + BN group: fused or not, and why")
+    inspect_parser.add_argument("--arch", default="resnet50", type=_arch, metavar="ARCH", help=ARCH_HELP)
+    inspect_parser.add_argument("--seed", type=int, default=0)
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
     args = parser.parse_args(argv)
-    unknown = [arch for arch in getattr(args, "archs", []) if arch not in ARCHITECTURES]
-    if unknown:
-        commands.choices["verify"].error(f"unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}")
+    for arch in getattr(args, "archs", []):
+        try:
+            check_name(arch)
+        except ValueError as error:
+            commands.choices["verify"].error(str(error))
     try:
-        return {"run": run, "bench": bench, "verify": verify, "convert": convert}[args.command](args)
+        return {"run": run, "bench": bench, "verify": verify, "convert": convert, "inspect": inspect}[args.command](args)
     except UsageError as error:
         commands.choices[args.command].error(str(error))
 

@@ -17,6 +17,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import backends, ops
 from .fold import BN_TYPES, fold_bn
+from .known_modules import block_twin_problem
 
 _TRAIN_MESSAGE = (
     "fused_resnet modules have their BatchNorm folded into the conv weights: in training mode they "
@@ -138,6 +139,14 @@ def fuse_downsample(downsample: nn.Module | None, backend: str, dtype=None) -> n
     return copy.deepcopy(downsample).to(dtype)
 
 
+def _check_twin(block: nn.Module) -> None:
+    problem = block_twin_problem(block)
+    if problem is not None:
+        raise TypeError(
+            f"the fused twin would not compute what this block computes ({problem}); fr.fuse handles such blocks"
+        )
+
+
 class FusedBasicBlock(nn.Module):
     """torchvision's BasicBlock as two fused convs; the residual add and ReLU run in conv2's epilogue."""
 
@@ -147,6 +156,7 @@ class FusedBasicBlock(nn.Module):
 
     @classmethod
     def from_block(cls, block: BasicBlock, backend: str = "auto", dtype=None) -> FusedBasicBlock:
+        _check_twin(block)
         return cls(
             FusedConv2d.from_conv_bn(block.conv1, block.bn1, relu=True, backend=backend, dtype=dtype),
             FusedConv2d.from_conv_bn(block.conv2, block.bn2, relu=True, backend=backend, dtype=dtype),
@@ -169,6 +179,7 @@ class FusedBottleneck(nn.Module):
 
     @classmethod
     def from_block(cls, block: Bottleneck, backend: str = "auto", dtype=None) -> FusedBottleneck:
+        _check_twin(block)
         return cls(
             FusedConv2d.from_conv_bn(block.conv1, block.bn1, relu=True, backend=backend, dtype=dtype),
             FusedConv2d.from_conv_bn(block.conv2, block.bn2, relu=True, backend=backend, dtype=dtype),

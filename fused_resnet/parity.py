@@ -74,8 +74,9 @@ def randomize_bn_(model: nn.Module, generator: torch.Generator | None = None) ->
 
     for module in model.modules():
         if isinstance(module, BN_TYPES):
-            uniform(module.running_mean, -0.5, 0.5)
-            uniform(module.running_var, 0.25, 2.0)
+            if module.running_mean is not None:  # None: a BatchNorm that keeps no running statistics
+                uniform(module.running_mean, -0.5, 0.5)
+                uniform(module.running_var, 0.25, 2.0)
             if getattr(module, "weight", None) is not None:
                 uniform(module.weight, 0.5, 1.5)
             if getattr(module, "bias", None) is not None:

@@ -107,9 +107,9 @@ def test_single_block_is_fused():
         torch.testing.assert_close(fused(x), block(x), rtol=1e-4, atol=1e-5)
 
 
-def test_model_without_blocks_warns_and_copies():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    with pytest.warns(UserWarning, match="no torchvision BasicBlock or Bottleneck"):
+def test_model_with_nothing_to_fuse_warns_and_copies():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh())
+    with pytest.warns(UserWarning, match="nothing in Sequential could be fused"):
         fused = fr.fuse(model)
     assert fused is not model and fused[0].weight.data_ptr() != model[0].weight.data_ptr()
 
