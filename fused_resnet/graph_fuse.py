@@ -152,6 +152,16 @@ def _first_match(conv: fx.Node, modules, patterns, modules_only: bool) -> _Match
     return next((m for p in patterns if (m := _match(conv, p, modules, modules_only)) is not None), None)
 
 
+def conv_add_residual(conv: FusedConv2d, x: torch.Tensor, residual) -> torch.Tensor:
+    """What a fused conv -> BN -> add (-> ReLU) chain computes: the residual is added in the conv's
+    epilogue when it is a tensor of the output's shape and dtype (every ResNet), and as the model's own
+    add wrote it otherwise (a broadcast, another dtype, a number), so the fused graph keeps its function."""
+    if isinstance(residual, torch.Tensor) and residual.dtype == conv.weight.dtype and residual.shape == conv.output_shape(x):
+        return conv(x, residual)
+    y = conv.conv_without_activation(x) + residual
+    return y.relu() if conv.relu else y
+
+
 def _fused_conv(match: _Match, modules, backend: str, dtype) -> FusedConv2d:
     conv = modules[match.conv.target]
     bn = modules[match.bn.target] if match.bn is not None else None
@@ -224,9 +234,11 @@ def _rewrite(module: nn.Module, backend, dtype, prefix: str, groups, report_rest
         conv_name, bn_name = match.conv.target, match.bn.target if match.bn is not None else None
         name = conv_name if calls[conv_name] == 1 else _free_name(gm, conv_name)
         gm.add_submodule(name, _fused_conv(match, modules, backend, dtype))
-        args = (match.conv.args[0],) if match.residual is None else (match.conv.args[0], match.residual)
         with graph.inserting_before(match.last):
-            out = graph.call_module(name, args)
+            if match.residual is None:
+                out = graph.call_module(name, (match.conv.args[0],))
+            else:
+                out = graph.call_function(conv_add_residual, (graph.get_attr(name), match.conv.args[0], match.residual))
             if "bn_act" in match.pattern:
                 act_name = bn_name if calls[bn_name] == 1 else _free_name(gm, bn_name + "_act")
                 gm.add_submodule(act_name, copy.deepcopy(bn_activation(modules[bn_name])))

@@ -93,6 +93,21 @@ class FusedConv2d(nn.Module):
             fused.bias.copy_(bias)
         return fused
 
+    def output_shape(self, x: Tensor) -> tuple[int, ...]:
+        """The shape of this conv's output for a 4-D input `x`."""
+        sizes = (
+            (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+            for size, pad, dil, k, st in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)
+        )
+        return (x.shape[0], self.out_channels, *sizes)
+
+    def conv_without_activation(self, x: Tensor) -> Tensor:
+        """conv2d(x, weight) + bias, without the ReLU: for a residual the epilogue cannot take."""
+        return ops.conv2d_bias_act(
+            x, self.weight, self.bias, None, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups, relu=False, backend=self.backend,
+        )  # fmt: skip
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         return ops.conv2d_bias_act(
             x,

@@ -268,3 +268,28 @@ def test_residual_computed_by_an_earlier_fused_chain_and_used_twice():
     fused = _check_fused(model, torch.randn(2, 5, 7, 6))
     assert [g.pattern for g in fr.inspect(model).groups] == ["conv+bn", "conv+bn+add+relu"]
     assert isinstance(fused, torch.fx.GraphModule)
+
+
+@pytest.mark.parametrize("kind", ["broadcast", "wider dtype"])
+def test_a_residual_the_epilogue_cannot_take_is_added_as_the_model_wrote_it(kind):
+    """conv -> BN -> add -> ReLU whose other operand is not a tensor of the output's shape and dtype
+    (a per-channel broadcast, a float64 tensor): fused, and the add keeps the model's semantics."""
+
+    class OddResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()
+            shape = (1, 6, 1, 1) if kind == "broadcast" else (2, 6, 5, 7)
+            self.register_buffer("offset", torch.randn(shape, dtype=torch.float32 if kind == "broadcast" else torch.float64))
+
+        def forward(self, x):
+            return self.relu(self.bn(self.conv(x)) + self.offset)
+
+    model = randomize_bn_(OddResidual().eval())
+    x = torch.randn(2, 4, 5, 7)
+    fused = fr.fuse(model)
+    assert [g.pattern for g in fr.inspect(model).groups if g.fused] == ["conv+bn+add+relu"]
+    with torch.no_grad():
+        expected, out = model(x), fused(x)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
