@@ -56,8 +56,22 @@ class FusionGroup:
     reason: str = ""  # why it was left unfused
 
 
+def conv_add_residual(conv: FusedConv2d, x: torch.Tensor, residual) -> torch.Tensor:
+    """What a fused conv -> BN -> add (-> ReLU) chain computes: the residual is added in the conv's
+    epilogue when it is a tensor of the output's shape and dtype (every ResNet), and as the model's own
+    add wrote it otherwise (a broadcast, another dtype, a number), so the fused graph keeps its function."""
+    if isinstance(residual, torch.Tensor) and residual.dtype == conv.weight.dtype and residual.shape == conv.output_shape(x):
+        return conv(x, residual)
+    y = conv.conv_without_activation(x) + residual
+    return y.relu() if conv.relu else y
+
+
 class _Tracer(fx.Tracer):
-    """Stops at BatchNorms (so each is one node, whatever its class) and at our fused modules."""
+    """Stops at BatchNorms (so each is one node, whatever its class), at our fused modules, and at the
+    residual chains a previous pass made (conv_add_residual), which a parent's trace must keep whole."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=(conv_add_residual,))
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, _LEAVES) or super().is_leaf_module(module, qualified_name)
@@ -150,16 +164,6 @@ def _match(conv: fx.Node, pattern, modules, modules_only: bool) -> _Match | None
 
 def _first_match(conv: fx.Node, modules, patterns, modules_only: bool) -> _Match | None:
     return next((m for p in patterns if (m := _match(conv, p, modules, modules_only)) is not None), None)
-
-
-def conv_add_residual(conv: FusedConv2d, x: torch.Tensor, residual) -> torch.Tensor:
-    """What a fused conv -> BN -> add (-> ReLU) chain computes: the residual is added in the conv's
-    epilogue when it is a tensor of the output's shape and dtype (every ResNet), and as the model's own
-    add wrote it otherwise (a broadcast, another dtype, a number), so the fused graph keeps its function."""
-    if isinstance(residual, torch.Tensor) and residual.dtype == conv.weight.dtype and residual.shape == conv.output_shape(x):
-        return conv(x, residual)
-    y = conv.conv_without_activation(x) + residual
-    return y.relu() if conv.relu else y
 
 
 def _fused_conv(match: _Match, modules, backend: str, dtype) -> FusedConv2d:
