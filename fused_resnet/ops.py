@@ -73,6 +73,9 @@ def _compute_conv2d_bias_act(
     out = _new_output(x, shape)
     if out.numel() == 0:
         return out
+    # Dilation along a kernel axis of size 1 changes nothing, and oneDNN's bfloat16 channels_last conv
+    # crashes on some such shapes (eager F.conv2d as well): every backend gets it as 1.
+    dilation = [1 if k == 1 else d for k, d in zip(weight.shape[2:], dilation)]
     chosen = backends.select_conv(backend, x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
     result = chosen.conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu)
     if result is None or result is out:

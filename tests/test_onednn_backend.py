@@ -16,7 +16,7 @@ import fused_resnet as fr
 from fused_resnet import backends, ops
 from fused_resnet.architectures import build
 from fused_resnet.export import export_program
-from fused_resnet.parity import parity, top1_agreement
+from fused_resnet.parity import parity, relative_error, top1_agreement
 
 pytestmark = pytest.mark.skipif(
     backends.get("onednn").unavailable_reason(torch.device("cpu")) is not None, reason="PyTorch built without oneDNN"
@@ -256,3 +256,25 @@ def test_whole_model_parity(arch, dtype):
     result = parity(out, eager, exact)
     assert result.ok, str(result)
     print(f"{arch} {result}; top-1 agreement with fp32 eager {top1_agreement(out, fp32):.2f}")
+
+
+@pytest.mark.parametrize("backend", ["onednn", "torch"])
+@pytest.mark.parametrize("view", ["channels_last", "sliced"])
+def test_dilation_on_a_one_wide_kernel_axis_and_strided_views(backend, view, generator, served_by):
+    """bfloat16, channels_last, a 1-wide kernel axis with dilation 2, stride 2 and padding on a 1-wide
+    input: eager F.conv2d crashes the process on this shape (oneDNN); the op computes it (the dilation of
+    a size-1 axis changes nothing), also from a view with gaps, and matches float64."""
+    x = torch.randn(2, 3, 2, 1, generator=generator).to(torch.bfloat16)
+    if view == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        big = torch.zeros(2, 5, 4, 3, dtype=torch.bfloat16)
+        big[:, 1:4, ::2, ::3] = x
+        x = big[:, 1:4, ::2, ::3]
+    weight = torch.randn(4, 3, 2, 1, generator=generator).to(torch.bfloat16)
+    residual = torch.randn(2, 4, 2, 2, generator=generator).to(torch.bfloat16).transpose(2, 3).contiguous().transpose(2, 3)
+    conv = dict(stride=(1, 2), padding=(1, 1), dilation=(2, 2))
+    with served_by(backend):
+        out = ops.conv2d_bias_act(x, weight, None, residual, backend=backend, **conv)
+    exact = (F.conv2d(x.double(), weight.double(), None, **conv) + residual.double()).relu()
+    assert relative_error(out, exact) <= 2e-2  # bfloat16 rounding of inputs and output: ~1e-2 at most

@@ -87,16 +87,34 @@ def packed_weight(weight, input_shape, stride, padding, dilation, groups) -> tor
     return packed
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Whether `t` is laid out exactly as a dense channels_last tensor, strides and all. (is_contiguous
+    is not enough: a tensor whose size-1 dimensions make both layouts valid may carry NCHW strides, and
+    oneDNN takes the layout from the strides.)"""
+    n, c, h, w = t.shape
+    return t.stride() == (h * w * c, 1, w * c, c)
+
+
+def _as_channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t if _is_channels_last(t) else torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+
+
 def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu):
     global calls
     calls += 1
+    # oneDNN reads its operands as dense tensors of the layout their strides suggest: a view with gaps,
+    # overlaps or a permuted order would be read out of bounds. The fused network is channels_last
+    # throughout, so this copies nothing there.
+    x = _as_channels_last(x)
     packed = packed_weight(weight, x.shape, stride, padding, dilation, groups)
     if bias is not None:
         bias = bias.contiguous()  # oneDNN reads the bias as dense: a strided view would give wrong sums
-    if residual is None:
-        y = _convolution(x, packed, bias, padding, stride, dilation, groups, "none", [None], "")
-    else:  # for grouped convs PyTorch adds the residual after the conv, not as a post-op
+    if residual is not None and groups == 1 and _is_channels_last(residual):
         y = _convolution_add(x, residual, packed, bias, padding, stride, dilation, groups, "add", 1.0, None, [None], "")
+    else:  # no residual, or one the sum post-op cannot read as the output's layout: ATen adds it
+        y = _convolution(x, packed, bias, padding, stride, dilation, groups, "none", [None], "")
+        if residual is not None:
+            y = y.add_(residual)
     # Not oneDNN's ReLU post-op: it maps NaN to 0 where eager's relu keeps NaN, so a NaN or Inf in
     # the input would silently vanish. ATen's ReLU runs in place on the just-written output instead.
     return y.relu_() if relu else y
