@@ -96,7 +96,7 @@ def _misuse(args, capsys) -> str:
     "args, message",
     [
         (["verify", "resnet9000"], "verify: error: unknown architecture 'resnet9000'; known: resnet18, "),
-        (["run", "--arch", "resnet9000"], "run: error: argument --arch: invalid choice: 'resnet9000'"),
+        (["run", "--arch", "resnet9000"], "run: error: argument --arch: unknown architecture 'resnet9000'; known: resnet18, "),
         (["run", "--backend", "fast"], "run: error: argument --backend: invalid choice: 'fast'"),
         (["run", "--dtype", "int8"], "run: error: argument --dtype: invalid choice: 'int8'"),
         (["run", "--iters", "3"], "run: error: argument --iters: '3' is not an integer of at least 10"),

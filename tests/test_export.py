@@ -328,7 +328,7 @@ def test_convert_explains_weights_that_do_not_fit(case, weights_files, tmp_path,
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--arch", "resnet9000", "--out", "{tmp}/m.pt2"], "invalid choice: 'resnet9000'"),
+        (["--arch", "resnet9000", "--out", "{tmp}/m.pt2"], "argument --arch: unknown architecture 'resnet9000'"),
         (["--out", "{tmp}/model.tflite"], "unknown extension '.tflite'; use .pt2 (torch.export) or .onnx"),
         (["--out", "{tmp}/no/such/dir/model.pt2"], "is not a directory this process can write to"),
         (["--out", "{tmp}/model.onnx", "--dtype", "bfloat16"], "--dtype bfloat16 cannot be written to ONNX"),
