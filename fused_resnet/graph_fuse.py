@@ -62,7 +62,7 @@ def conv_add_residual(conv: FusedConv2d, x: torch.Tensor, residual) -> torch.Ten
     add wrote it otherwise (a broadcast, another dtype, a number), so the fused graph keeps its function."""
     if isinstance(residual, torch.Tensor) and residual.dtype == conv.weight.dtype and residual.shape == conv.output_shape(x):
         return conv(x, residual)
-    y = conv.conv_without_activation(x) + residual
+    y = conv(x, relu=False) + residual
     return y.relu() if conv.relu else y
 
 

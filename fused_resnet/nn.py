@@ -18,6 +18,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from . import backends, ops
 from .fold import BN_TYPES, fold_bn
 from .known_modules import block_twin_problem
+from .validation import conv_output_size
 
 _TRAIN_MESSAGE = (
     "fused_resnet modules have their BatchNorm folded into the conv weights: in training mode they "
@@ -95,20 +96,11 @@ class FusedConv2d(nn.Module):
 
     def output_shape(self, x: Tensor) -> tuple[int, ...]:
         """The shape of this conv's output for a 4-D input `x`."""
-        sizes = (
-            (size + 2 * pad - dil * (k - 1) - 1) // st + 1
-            for size, pad, dil, k, st in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)
-        )
+        sizes = map(conv_output_size, x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation)
         return (x.shape[0], self.out_channels, *sizes)
 
-    def conv_without_activation(self, x: Tensor) -> Tensor:
-        """conv2d(x, weight) + bias, without the ReLU: for a residual the epilogue cannot take."""
-        return ops.conv2d_bias_act(
-            x, self.weight, self.bias, None, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, groups=self.groups, relu=False, backend=self.backend,
-        )  # fmt: skip
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, *, relu: bool | None = None) -> Tensor:
+        """`relu=False` leaves out the activation (for a residual the epilogue cannot take)."""
         return ops.conv2d_bias_act(
             x,
             self.weight,
@@ -118,7 +110,7 @@ class FusedConv2d(nn.Module):
             padding=self.padding,
             dilation=self.dilation,
             groups=self.groups,
-            relu=self.relu,
+            relu=self.relu if relu is None else relu,
             backend=self.backend,
         )
 
