@@ -9,10 +9,12 @@ its folded weights and biases stay trainable. `.train()` warns once to say so.
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import backends, ops
@@ -99,8 +101,11 @@ class FusedConv2d(nn.Module):
         sizes = map(conv_output_size, x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation)
         return (x.shape[0], self.out_channels, *sizes)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, *, relu: bool | None = None) -> Tensor:
-        """`relu=False` leaves out the activation (for a residual the epilogue cannot take)."""
+    def forward(
+        self, x: Tensor, residual: Tensor | None = None, *, relu: bool | None = None, residual_writable: bool = False
+    ) -> Tensor:
+        """`relu=False` leaves out the activation (for a residual the epilogue cannot take).
+        `residual_writable=True`: the caller will not read `residual` again (see ops.conv2d_bias_act)."""
         return ops.conv2d_bias_act(
             x,
             self.weight,
@@ -112,6 +117,7 @@ class FusedConv2d(nn.Module):
             groups=self.groups,
             relu=self.relu if relu is None else relu,
             backend=self.backend,
+            residual_writable=residual_writable,
         )
 
     def train(self, mode: bool = True):
@@ -146,6 +152,25 @@ def fuse_downsample(downsample: nn.Module | None, backend: str, dtype=None) -> n
     return copy.deepcopy(downsample).to(dtype)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook could keep a reference to what `module` or a submodule takes or returns."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _shortcut(downsample: nn.Module | None, x: Tensor, x_writable: bool) -> tuple[Tensor, bool]:
+    """A block's identity branch, and whether the block's last conv may write its result over it.
+
+    Writing over it saves a new output (whose pages would be faulted in afresh on every call): that
+    is safe for the output of a fused downsample conv, which nothing else has seen unless a hook is
+    registered, and for the block's input when its caller says so.
+    """
+    if downsample is None:
+        return x, x_writable
+    return downsample(x), isinstance(downsample, FusedConv2d) and not _hooked(downsample)
+
+
 def _check_twin(block: nn.Module) -> None:
     problem = block_twin_problem(block)
     if problem is not None:
@@ -170,9 +195,10 @@ class FusedBasicBlock(nn.Module):
             fuse_downsample(block.downsample, backend, dtype),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.conv2(self.conv1(x), residual=identity)
+    def forward(self, x: Tensor, *, x_writable: bool = False) -> Tensor:
+        """`x_writable=True`: the caller will not read `x` again, so the block may write over it."""
+        identity, writable = _shortcut(self.downsample, x, x_writable)
+        return self.conv2(self.conv1(x), residual=identity, residual_writable=writable)
 
 
 class FusedBottleneck(nn.Module):
@@ -194,9 +220,10 @@ class FusedBottleneck(nn.Module):
             fuse_downsample(block.downsample, backend, dtype),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.conv3(self.conv2(self.conv1(x)), residual=identity)
+    def forward(self, x: Tensor, *, x_writable: bool = False) -> Tensor:
+        """`x_writable=True`: the caller will not read `x` again, so the block may write over it."""
+        identity, writable = _shortcut(self.downsample, x, x_writable)
+        return self.conv3(self.conv2(self.conv1(x)), residual=identity, residual_writable=writable)
 
 
 def fuse_block(block: nn.Module, backend: str = "auto", dtype=None) -> nn.Module:
@@ -244,7 +271,15 @@ class FusedResNet(nn.Module):
             )
         x = x.to(dtype=self.conv1.weight.dtype, memory_format=torch.channels_last)
         x = self.maxpool(self.conv1(x))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if _hooked(self) or not all(type(layer) is nn.Sequential for layer in layers):
+            for layer in layers:  # every module is called, so that every hook sees what it expects
+                x = layer(x)
+        else:
+            # Each block's input is the output of the block before, which only this loop holds (no
+            # hook has seen it): each block may write its result over its input.
+            for block in itertools.chain.from_iterable(layers):
+                x = block(x, x_writable=True) if isinstance(block, (FusedBasicBlock, FusedBottleneck)) else block(x)
         # Pooled from NCHW, the features flatten as a plain reshape: from channels_last, an exported
         # graph (ONNX) gathers them element by element, through index arithmetic.
         return self.fc(torch.flatten(self.avgpool(x.contiguous()), 1))

@@ -56,6 +56,72 @@ def _plain_eager_call(*tensors: Tensor | None) -> bool:
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
+def _channels_last_strides(shape) -> tuple[int, ...]:
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# Validated calls: the output shape and the dilation as the backends get it, by the call's metadata
+# (shapes, strides, dtypes, devices, arguments), on which the checks depend alone. A layer called
+# again skips them.
+_validated: dict[tuple, tuple] = {}
+MAX_VALIDATED = 4096  # more distinct calls than any model makes; inputs of ever-new sizes start afresh
+
+
+def _metadata(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.layout)
+
+
+def _validate_conv(x, weight, bias, residual, stride, padding, dilation, groups, backend) -> tuple:
+    """(output shape, dilation as the backends get it) for a conv call, or the exception it deserves."""
+    key = (
+        _metadata(x), _metadata(weight), _metadata(bias), _metadata(residual),
+        tuple(stride), tuple(padding), tuple(dilation), groups, backend,
+    )  # fmt: skip
+    validated = _validated.get(key)
+    if validated is None:
+        backends.check_name(backend)
+        shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+        # Dilation along a kernel axis of size 1 changes nothing, and oneDNN's bfloat16 channels_last
+        # conv crashes on some such shapes (eager F.conv2d as well): every backend gets it as 1.
+        dilation = [1 if k == 1 else d for k, d in zip(weight.shape[2:], dilation)]
+        if len(_validated) >= MAX_VALIDATED:
+            _validated.clear()
+        validated = _validated[key] = (shape, dilation)
+    return validated
+
+
+def _run_conv2d_bias_act(
+    x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, residual_writable=False
+) -> Tensor:
+    """The op's computation (its arguments as in _compute_conv2d_bias_act), for one backend's call."""
+    shape, dilation = _validate_conv(x, weight, bias, residual, stride, padding, dilation, groups, backend)
+    if 0 in shape:
+        return _new_output(x, shape)
+    chosen = backends.select_conv(backend, x, weight, bias, residual, stride, padding, dilation, groups, relu, shape)
+    if (
+        residual_writable
+        and getattr(chosen, "WRITES_INTO_RESIDUAL", False)
+        and residual.stride() == _channels_last_strides(shape)
+        and not _shares_memory(residual, x)
+    ):
+        out = residual  # a new output's pages would be faulted in afresh on each call; the residual's are warm
+    elif getattr(chosen, "ALLOCATES_OUTPUT", False):
+        out = None
+    else:
+        out = _new_output(x, shape)
+    result = chosen.conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    if result is None:
+        return out
+    if result.stride() == _channels_last_strides(shape):
+        return result
+    return _new_output(x, shape).copy_(result)
+
+
 def _compute_conv2d_bias_act(
     x: Tensor,
     weight: Tensor,
@@ -68,21 +134,7 @@ def _compute_conv2d_bias_act(
     relu: bool,
     backend: str,
 ) -> Tensor:
-    backends.check_name(backend)
-    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
-    out = _new_output(x, shape)
-    if out.numel() == 0:
-        return out
-    # Dilation along a kernel axis of size 1 changes nothing, and oneDNN's bfloat16 channels_last conv
-    # crashes on some such shapes (eager F.conv2d as well): every backend gets it as 1.
-    dilation = [1 if k == 1 else d for k, d in zip(weight.shape[2:], dilation)]
-    chosen = backends.select_conv(backend, x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
-    result = chosen.conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    if result is None or result is out:
-        return out
-    if result.stride() == out.stride():
-        return result
-    return out.copy_(result)
+    return _run_conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
 
 
 _conv2d_bias_act = torch.library.custom_op("fused_resnet::conv2d_bias_act", mutates_args=())(_compute_conv2d_bias_act)
@@ -168,27 +220,27 @@ def conv2d_bias_act(
     groups: int = 1,
     relu: bool = True,
     backend: str = "auto",
+    residual_writable: bool = False,
 ) -> Tensor:
     """act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual), act = ReLU if `relu`.
 
     `x` may be NCHW or channels_last with any strides; the result is channels_last.
     `backend` is "torch", "triton", "cuda", "cudnn", "onednn" or "auto", or backends.verified(name) to check the
     named backend's result on each layer's first call.
+    `residual_writable=True` says the caller will not read `residual` again: in a plain eager call a
+    backend may then write the result over it (the oneDNN backend does), instead of into new memory.
     """
-    check_types(dict(x=x, weight=weight), dict(bias=bias, residual=residual), groups=groups, relu=relu, backend=backend)
-    op = _compute_conv2d_bias_act if _plain_eager_call(x, weight, bias, residual) else _conv2d_bias_act
-    return op(
-        x,
-        weight,
-        bias,
-        residual,
-        pair(stride, "stride"),
-        pair(padding, "padding"),
-        pair(dilation, "dilation"),
-        groups,
-        relu,
-        backend,
-    )
+    check_types(
+        dict(x=x, weight=weight), dict(bias=bias, residual=residual),
+        groups=groups, relu=relu, backend=backend, residual_writable=residual_writable,
+    )  # fmt: skip
+    args = (
+        x, weight, bias, residual, pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"),
+        groups, relu, backend,
+    )  # fmt: skip
+    if _plain_eager_call(x, weight, bias, residual):
+        return _run_conv2d_bias_act(*args, residual_writable=residual_writable and residual is not None)
+    return _conv2d_bias_act(*args)
 
 
 def add_relu(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor:

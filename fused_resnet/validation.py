@@ -21,6 +21,8 @@ _DTYPE_NAMES = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES
 
 def pair(value, name: str) -> list[int]:
     """An int or a pair of ints as a list of two ints."""
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return list(value)  # the modules' own attributes: checked in a fraction of the general path's time
     if isinstance(value, bool) or not isinstance(value, (int, Sequence, torch.SymInt)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, (int, torch.SymInt)):
@@ -34,7 +36,9 @@ def pair(value, name: str) -> list[int]:
     return list(value)
 
 
-def check_types(tensors: dict, optional: dict | None = None, *, groups=1, relu=True, backend="auto") -> None:
+def check_types(
+    tensors: dict, optional: dict | None = None, *, groups=1, relu=True, backend="auto", residual_writable=False
+) -> None:
     """The kinds of the arguments of a public op, checked before the call reaches the dispatcher,
     which would otherwise reject a list or a string with a RuntimeError about the op's schema.
 
@@ -48,8 +52,9 @@ def check_types(tensors: dict, optional: dict | None = None, *, groups=1, relu=T
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
     if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)):
         raise TypeError(f"groups must be an int, got {groups!r}")
-    if not isinstance(relu, bool):
-        raise TypeError(f"relu must be a bool, got {relu!r}")
+    for name, flag in (("relu", relu), ("residual_writable", residual_writable)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, a backend's name or 'auto', got {backend!r}")
 

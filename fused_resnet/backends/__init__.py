@@ -15,8 +15,10 @@ Every backend module exposes the same five names, so the op layer can treat them
         tensor of shape (N, Cout, OH, OW) and x's dtype. `x`, `residual` may have any strides;
         `weight` is (Cout, Cin // groups, R, S); `bias` (Cout,) or None; stride, padding and
         dilation are pairs of ints. The arguments were validated before the call. A backend whose
-        library allocates its own result may return that tensor instead of writing `out`; the op
-        keeps it when its strides are out's, and copies it into `out` otherwise.
+        library allocates its own result sets ALLOCATES_OUTPUT = True: it gets out=None and returns
+        its result, which the op keeps when it is channels_last and copies otherwise. A backend
+        that sets WRITES_INTO_RESIDUAL = True may be given out=residual (when the caller allows it
+        and x does not share its memory): it then writes the result over the residual.
     add_relu_unsupported_reason(x, y) -> str | None
     add_relu(out, x, y) -> None
         Writes relu(x + y) into `out` (same shape and dtype as x and y, x's strides).
@@ -168,12 +170,15 @@ def _select(name: str, device: torch.device, what: str, reason_of, tune=None) ->
     """
     reference = get("torch")
     if name == "auto":
-        candidates = [
+        candidates = (
             backend
             for backend in map(get, auto_order(device))
             if backend.unavailable_reason(device) is None and reason_of(backend) is None
-        ]
-        if len(candidates) > 1 and tune is not None:
+        )
+        if tune is None:
+            return next(candidates, reference)
+        candidates = list(candidates)
+        if len(candidates) > 1:
             return tune(candidates)
         return candidates[0] if candidates else reference
     backend = get(name)
@@ -240,17 +245,22 @@ def _select_checked(name: str, layer: tuple, device: torch.device, what: str, re
     return autotune.remember(_checked_choice, key, device, verify_once)
 
 
-def _scratch(like: torch.Tensor, poisoned: bool) -> torch.Tensor:
-    scratch = torch.empty_like(like)
+def _scratch(like: torch.Tensor, poisoned: bool, shape=None) -> torch.Tensor:
+    """A new tensor of `like`'s dtype and device, and `like`'s shape and strides or a channels_last `shape`."""
+    if shape is None:
+        scratch = torch.empty_like(like)
+    else:
+        scratch = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
     return scratch.fill_(float("nan")) if poisoned else scratch
 
 
-def select_conv(name, x, weight, bias, residual, stride, padding, dilation, groups, relu=True, out=None) -> ModuleType:
+def select_conv(name, x, weight, bias, residual, stride, padding, dilation, groups, relu=True, out_shape=None) -> ModuleType:
+    """The backend for this conv. With `out_shape` (the output's), a checked choice may run candidates."""
     def reason_of(b):
         return b.conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
 
     name, verify = _parse(name)
-    if out is None or not _checked(name, verify, x.device):
+    if out_shape is None or not _checked(name, verify, x.device):
         return note_serving(_select(name, x.device, "convolution", reason_of))
 
     layer = (
@@ -260,7 +270,7 @@ def select_conv(name, x, weight, bias, residual, stride, padding, dilation, grou
     )  # fmt: skip
 
     def run(b, poisoned):
-        scratch = _scratch(out, poisoned)
+        scratch = None if getattr(b, "ALLOCATES_OUTPUT", False) else _scratch(x, poisoned, out_shape)
         result = b.conv2d_bias_act(scratch, x, weight, bias, residual, stride, padding, dilation, groups, relu)
         return scratch if result is None else result
 

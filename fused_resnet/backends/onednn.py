@@ -23,6 +23,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .reference import add_relu  # noqa: F401  (oneDNN has no standalone add + ReLU; ATen's vectorised kernels serve it)
 
 NAME = "onednn"
+ALLOCATES_OUTPUT = True  # oneDNN's operators return new tensors
+WRITES_INTO_RESIDUAL = True  # through the in-place overload, the sum post-op on the residual's memory
 
 # Each weight keeps packed copies for this many input shapes (oneDNN picks the blocked layout for the
 # shape); older ones are dropped so that inputs of ever-changing size cannot grow memory without bound.
@@ -30,6 +32,7 @@ MAX_SHAPES_PER_WEIGHT = 4
 
 _convolution = torch.ops.mkldnn._convolution_pointwise.default
 _convolution_add = torch.ops.mkldnn._convolution_pointwise.binary
+_convolution_add_into_residual = torch.ops.mkldnn._convolution_pointwise_.binary
 _reorder_weight = torch.ops.mkldnn._reorder_convolution_weight.default
 
 # weight tensor -> (stamp of the weight's contents, {(input shape, conv arguments): packed weight})
@@ -109,12 +112,16 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     packed = packed_weight(weight, x.shape, stride, padding, dilation, groups)
     if bias is not None:
         bias = bias.contiguous()  # oneDNN reads the bias as dense: a strided view would give wrong sums
+    sum_args = (packed, bias, padding, stride, dilation, groups, "add", 1.0, None, [None], "")
     if residual is not None and groups == 1 and _is_channels_last(residual):
-        y = _convolution_add(x, residual, packed, bias, padding, stride, dilation, groups, "add", 1.0, None, [None], "")
+        if out is residual:
+            y = _convolution_add_into_residual(residual, x, *sum_args)
+        else:
+            y = _convolution_add(x, residual, *sum_args)
     else:  # no residual, or one the sum post-op cannot read as the output's layout: ATen adds it
         y = _convolution(x, packed, bias, padding, stride, dilation, groups, "none", [None], "")
         if residual is not None:
-            y = y.add_(residual)
+            y = residual.add_(y) if out is residual else y.add_(residual)
     # Not oneDNN's ReLU post-op: it maps NaN to 0 where eager's relu keeps NaN, so a NaN or Inf in
     # the input would silently vanish. ATen's ReLU runs in place on the just-written output instead.
     return y.relu_() if relu else y
