@@ -194,6 +194,14 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     _launch(out, x, weight, bias, residual, stride, padding, dilation, relu, config)
 
 
+def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+    return "the CUDA C++ kernels have no pre-activation (second) output yet"
+
+
+def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
+    raise NotImplementedError(preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups))
+
+
 def add_relu_unsupported_reason(x, y) -> str | None:
     return None
 

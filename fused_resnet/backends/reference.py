@@ -25,6 +25,20 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     return y
 
 
+def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+    return None
+
+
+def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
+    y = conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu=False)
+    return y, preact(y, scale, shift)
+
+
+def preact(y, scale, shift, out=None):
+    """relu(y * scale + shift), scale and shift per channel of the (N, C, H, W) tensor y."""
+    return torch.addcmul(shift[:, None, None], y, scale[:, None, None], out=out).relu_()
+
+
 def add_relu_unsupported_reason(x, y) -> str | None:
     return None
 
