@@ -265,3 +265,29 @@ def test_export_lowered_to_triton_kernels(monkeypatch):
     assert "fused_resnet_triton.conv2d_preact.default" in {str(n.target) for n in program.graph.nodes}
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), fused(x), rtol=1e-5, atol=1e-5)
+
+
+def test_verified_backend_checks_both_outputs_on_the_first_call(served_by):
+    _skip_unavailable("onednn")
+    args = _make(CASES[1], torch.float32)
+    x, weight, b, r, scale, shift, stride, padding, groups = args
+    with served_by("onednn") as served:
+        for _ in range(2):
+            y, z = ops.conv2d_preact(x, weight, b, r, scale=scale, shift=shift, padding=padding,
+                                     backend=backends.verified("onednn"))
+    assert served == ["onednn", "onednn"]
+    exact = Reference.conv2d_preact(x, weight, b, r, scale, shift, stride, padding, groups)
+    torch.testing.assert_close((y.double(), z.double()), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_a_backend_without_the_second_output_falls_back_with_the_reason(fallback_allowed):
+    """The CUDA C++ and cuDNN backends do not serve conv2d_preact; a case Triton refuses (float64)
+    shows the fallback path on the CPU: the reference computes it, and a warning says why."""
+    for name in ("cuda", "cudnn"):
+        assert "second" in backends.get(name).preact_unsupported_reason(*[None] * 8)
+    _skip_unavailable("triton")
+    x, weight, b, r, scale, shift, stride, padding, groups = _make(CASES[1], torch.float64)
+    with pytest.warns(UserWarning, match="does not support this convolution with a pre-activation output .float64"):
+        y, z = ops.conv2d_preact(x, weight, b, r, scale=scale, shift=shift, padding=padding, backend="triton")
+    exact = Reference.conv2d_preact(x, weight, b, r, scale, shift, stride, padding, groups)
+    torch.testing.assert_close((y, z), exact)

@@ -195,7 +195,9 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
 
 
 def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
-    return "the CUDA C++ kernels have no pre-activation (second) output yet"
+    # CUTLASS 2.x's EpilogueWithBroadcast hands its functor one per-channel vector (the bias), so the scale
+    # and shift cannot reach it; the Hopper visitor tree would need an aux store and two more broadcasts.
+    return "the CUDA C++ kernels have no second, pre-activated output yet"
 
 
 def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
