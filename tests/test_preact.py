@@ -281,13 +281,45 @@ def test_verified_backend_checks_both_outputs_on_the_first_call(served_by):
 
 
 def test_a_backend_without_the_second_output_falls_back_with_the_reason(fallback_allowed):
-    """The CUDA C++ and cuDNN backends do not serve conv2d_preact; a case Triton refuses (float64)
-    shows the fallback path on the CPU: the reference computes it, and a warning says why."""
-    for name in ("cuda", "cudnn"):
-        assert "second" in backends.get(name).preact_unsupported_reason(*[None] * 8)
+    """cuDNN does not serve conv2d_preact; a case Triton refuses (float64) shows the fallback path on the
+    CPU: the reference computes it, and a warning says why."""
+    assert "second" in backends.get("cudnn").preact_unsupported_reason(*[None] * 8)
     _skip_unavailable("triton")
     x, weight, b, r, scale, shift, stride, padding, groups = _make(CASES[1], torch.float64)
     with pytest.warns(UserWarning, match="does not support this convolution with a pre-activation output .float64"):
         y, z = ops.conv2d_preact(x, weight, b, r, scale=scale, shift=shift, padding=padding, backend="triton")
     exact = Reference.conv2d_preact(x, weight, b, r, scale, shift, stride, padding, groups)
     torch.testing.assert_close((y, z), exact)
+
+
+def test_cuda_backend_serves_the_second_output_on_hopper_kernels_only():
+    """The extension's kernel rule, from sizes alone: a resnetv2 1x1 conv with a residual gets a Hopper
+    kernel on compute capability 9.0 (which writes both outputs) and a CUTLASS 2.x one on 8.0 (which
+    cannot: the backend says so, and the op falls back)."""
+    cuda = backends.get("cuda")
+    if cuda._C is None or not cuda.CONV_CONFIGS:
+        pytest.skip(f"the CUDA extension is not built with its conv kernels: {cuda._LOAD_ERROR}")
+    args = (torch.bfloat16, [8, 256, 56, 56], [64, 256, 1, 1], [1, 1], [0, 0], [1, 1], True)
+    hopper = torch.ops.fused_resnet_C.conv2d_kernel(*args, [9, 0], 132)[0]
+    ampere = torch.ops.fused_resnet_C.conv2d_kernel(*args, [8, 0], 108)[0]
+    if not hopper.startswith("sm90_"):
+        pytest.skip("this build has no Hopper kernels (TORCH_CUDA_ARCH_LIST without 9.0a)")
+    assert cuda.preact_kernel_unsupported_reason(hopper) is None
+    assert "Hopper (sm_90a) kernels only" in cuda.preact_kernel_unsupported_reason(ampere)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [True, False])
+def test_gpu_kernels_write_both_outputs(backend, dtype, residual, monkeypatch, served_by):
+    """On a GPU: a resnetv2 1x1 conv (64 input channels, as the Hopper kernels need) on poisoned outputs."""
+    if backend == "cuda":
+        reason = backends.get("cuda").unavailable_reason(torch.device("cuda"))
+        if reason is None and torch.cuda.get_device_capability() != (9, 0):
+            reason = "the C++ kernels' second output is in the Hopper kernels only"
+        if reason is not None:
+            pytest.skip(reason)
+    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
+    args = _make((4, 64, 14, 14, 256, 1, 1, 0, 1), dtype, "channels_last", residual=residual)
+    _check(backend, tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in args), served_by)
