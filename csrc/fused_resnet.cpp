@@ -147,6 +147,11 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def(
       "conv2d_bias_act_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
       "int[2] padding, int[2] dilation, bool relu, int config, Tensor(a!) out) -> ()");
+  // y = conv2d(x, weight) + bias + residual into out, and relu(y * scale + shift) per output channel
+  // into out_preact (a pre-activation ResNet's next BatchNorm + ReLU); the Hopper kernels only.
+  m.def(
+      "conv2d_preact_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor scale, Tensor shift, "
+      "int[2] stride, int[2] padding, int[2] dilation, int config, Tensor(a!) out, Tensor(b!) out_preact) -> ()");
   m.def("conv2d_configs() -> str[]", &conv2d_configs);
   // Which kernel serves a layer on a GPU of compute capability `capability` with `sm_count` SMs:
   // (its name, or "" when none; why it cannot serve the layer, or "" when it can; whether CUTLASS's
@@ -178,6 +183,7 @@ TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
 TORCH_LIBRARY_IMPL(fused_resnet_C, Autograd, m) {
   m.impl("add_relu_out", torch::CppFunction::makeFromBoxedFunction<&out_form_without_grad>());
   m.impl("conv2d_bias_act_out", torch::CppFunction::makeFromBoxedFunction<&out_form_without_grad>());
+  m.impl("conv2d_preact_out", torch::CppFunction::makeFromBoxedFunction<&out_form_without_grad>());
 }
 
 }  // namespace fused_resnet

@@ -41,11 +41,21 @@ def _add_relu_aten(x, y, backend):
     return torch.ops.aten.relu.default(torch.ops.aten.add.Tensor(x, y))
 
 
+def _preact_aten(y, scale, shift):
+    return torch.ops.aten.relu.default(torch.ops.aten.addcmul.default(shift[:, None, None], y, scale[:, None, None]))
+
+
+def _conv2d_preact_aten(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, backend):
+    y = _conv2d_bias_act_aten(x, weight, bias, residual, stride, padding, dilation, groups, False, backend)
+    return y, _preact_aten(y, scale, shift)
+
+
 # For ExportedProgram.run_decompositions: our ops as the aten ops they compute. `backend` only says
 # where an op runs, never what it computes, so the decompositions ignore it.
 DECOMPOSITIONS = {
     torch.ops.fused_resnet.conv2d_bias_act.default: _conv2d_bias_act_aten,
     torch.ops.fused_resnet.add_relu.default: _add_relu_aten,
+    torch.ops.fused_resnet.conv2d_preact.default: _conv2d_preact_aten,
 }
 
 
@@ -57,10 +67,15 @@ def _add_relu_triton(x, y, backend):
     return torch.ops.fused_resnet_triton.add_relu(x, y)
 
 
+def _conv2d_preact_triton(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, backend):
+    return torch.ops.fused_resnet_triton.conv2d_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+
+
 # Our ops as the Triton ops that carry their kernels into AOTInductor, whatever backend each used.
 TRITON_DECOMPOSITIONS = {
     torch.ops.fused_resnet.conv2d_bias_act.default: _conv2d_bias_act_triton,
     torch.ops.fused_resnet.add_relu.default: _add_relu_triton,
+    torch.ops.fused_resnet.conv2d_preact.default: _conv2d_preact_triton,
 }
 
 
@@ -77,10 +92,18 @@ def _add_relu_cuda(x, y, backend):
     return torch.ops.fused_resnet_C.add_relu(x, y)
 
 
+def _conv2d_preact_cuda(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, backend):
+    # Only the Hopper kernels have the second output, and which kernel serves a layer is decided when the
+    # program runs: y from the C++ conv where it serves, z from aten ops.
+    y = _conv2d_bias_act_cuda(x, weight, bias, residual, stride, padding, dilation, groups, False, backend)
+    return y, _preact_aten(y, scale, shift)
+
+
 # Our ops as the CUDA C++ extension's ops, wherever its conv kernels serve the layer.
 CUDA_DECOMPOSITIONS = {
     torch.ops.fused_resnet.conv2d_bias_act.default: _conv2d_bias_act_cuda,
     torch.ops.fused_resnet.add_relu.default: _add_relu_cuda,
+    torch.ops.fused_resnet.conv2d_preact.default: _conv2d_preact_cuda,
 }
 
 # What export_program's `lower_to` names: the decompositions to run (None: keep our ops).

@@ -23,6 +23,25 @@ def _float64(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().to(torch.float64)
 
 
+def _check_bn(bn: nn.Module, caller: str) -> None:
+    """Refuses what has no fixed affine map: a BN in training mode, or one without running statistics."""
+    if not isinstance(bn, BN_TYPES):
+        raise TypeError(
+            f"{caller} expects a BatchNorm module or torchvision FrozenBatchNorm2d, got {type(bn).__name__}"
+        )
+    if isinstance(bn, _BatchNorm):
+        if bn.training:
+            raise ValueError(
+                f"{type(bn).__name__} is in training mode, where it normalises with batch statistics; "
+                "call model.eval() before folding or fusing"
+            )
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"{type(bn).__name__} was built with track_running_stats=False and has no running "
+                "statistics to fold; only BatchNorm with running statistics can be folded"
+            )
+
+
 def fold_bn(conv: nn.Conv2d, bn: nn.Module | None = None, *, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """The (weight, bias) of one conv that computes bn(conv(x)) in eval mode, in `dtype` (default: the
     conv weight's dtype), rounded once from float64.
@@ -38,21 +57,7 @@ def fold_bn(conv: nn.Conv2d, bn: nn.Module | None = None, *, dtype: torch.dtype 
     if bn is None:
         bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
         return weight.to(dtype, copy=True), bias.to(dtype, copy=True)
-    if not isinstance(bn, BN_TYPES):
-        raise TypeError(
-            f"fold_bn expects a BatchNorm module or torchvision FrozenBatchNorm2d, got {type(bn).__name__}"
-        )
-    if isinstance(bn, _BatchNorm):
-        if bn.training:
-            raise ValueError(
-                f"{type(bn).__name__} is in training mode, where it normalises with batch statistics; "
-                "call model.eval() before folding or fusing"
-            )
-        if bn.running_mean is None or bn.running_var is None:
-            raise ValueError(
-                f"{type(bn).__name__} was built with track_running_stats=False and has no running "
-                "statistics to fold; only BatchNorm with running statistics can be folded"
-            )
+    _check_bn(bn, "fold_bn")
     if bn.running_mean.shape != (conv.out_channels,):
         raise ValueError(
             f"the conv has {conv.out_channels} output channels but the BatchNorm has "
@@ -68,3 +73,17 @@ def fold_bn(conv: nn.Conv2d, bn: nn.Module | None = None, *, dtype: torch.dtype 
         _float64(getattr(bn, "bias", None)),
     )
     return folded_weight.detach().to(dtype), folded_bias.detach().to(dtype)
+
+
+def bn_scale_shift(bn: nn.Module, *, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(scale, shift) with bn(y) = y * scale + shift per channel in eval mode, in `dtype`, rounded once
+    from float64: the BatchNorm of a pre-activation, which follows an add and has no conv to fold into.
+
+        scale = gamma / sqrt(running_var + eps),   shift = beta - running_mean * scale
+    """
+    _check_bn(bn, "bn_scale_shift")
+    mean, var = _float64(bn.running_mean), _float64(bn.running_var)
+    gamma, beta = _float64(getattr(bn, "weight", None)), _float64(getattr(bn, "bias", None))
+    scale = torch.rsqrt(var + bn.eps) * (1.0 if gamma is None else gamma)
+    shift = (0.0 if beta is None else beta) - mean * scale
+    return scale.to(dtype), shift.to(dtype)

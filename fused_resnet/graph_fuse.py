@@ -5,11 +5,20 @@ Each conv node is matched against PATTERNS, longest first; a step only consumes 
 the node before it, so an intermediate value used anywhere else is never fused away. What no pattern
 matches (squeeze-excitation and ECA gating, pooling, heads, activations other than ReLU) stays as it is.
 
+A pre-activation ResNet (v2) adds conv -> (BN ->) add -> BN + ReLU: the add's value y is the residual
+stream (it may have other users, the next shortcut), and the BatchNorm + ReLU that opens the next block
+(or the model's final norm) reads it. The chain becomes one FusedConv2dPreact whose two outputs are
+y and z = that BN + ReLU of y; the add and the BN may sit in different blocks' forwards.
+
 A match is applied in one of two ways, both computing the traced function exactly:
 - a chain of modules alone (conv, BN, ReLU): the conv module becomes the FusedConv2d and the BN and
   ReLU modules become nn.Identity, in place, so the model keeps its classes, methods and forward;
 - a chain with a residual add, which lives in some module's forward code: that module (a block,
-  usually) is replaced by a torch.fx.GraphModule of its forward in which the chain is one call.
+  usually) is replaced by a torch.fx.GraphModule of its forward in which the chain is one call. A
+  pre-activation chain whose add and BN lie in two blocks is rewritten in their closest common
+  ancestor (a stage, the stages' Sequential). Where that is the model itself and the BN reads a child's
+  output directly (the final norm after the stages), the child is rewritten with the BN appended to
+  its forward and the BN module becomes nn.Identity, so the model keeps its class.
 """
 
 from __future__ import annotations
@@ -25,11 +34,17 @@ from torch import fx, nn
 
 from .fold import BN_TYPES
 from .known_modules import bn_activation, bn_problem, conv_problem, is_relu
-from .nn import FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedResNet
+from .nn import FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dPreact, FusedResNet
 
 # Chains that become one FusedConv2d, tried longest first. "bn_relu" is a BatchNorm that applies ReLU
 # itself (timm's BatchNormAct2d); "bn_act" one that applies another activation, which is kept.
+# "preact_..." is a BatchNorm (+ ReLU) that reads the add's value, which may have other users: the
+# chain computes both (FusedConv2dPreact).
 PATTERNS = (
+    ("conv", "bn", "add", "preact_bn", "relu"),
+    ("conv", "add", "preact_bn", "relu"),
+    ("conv", "bn", "add", "preact_bn_relu"),
+    ("conv", "add", "preact_bn_relu"),
     ("conv", "bn", "add", "relu"),
     ("conv", "bn", "relu"),
     ("conv", "bn_relu"),
@@ -71,10 +86,19 @@ class _Tracer(fx.Tracer):
     residual chains a previous pass made (conv_add_residual), which a parent's trace must keep whole."""
 
     def __init__(self):
-        super().__init__(autowrap_functions=(conv_add_residual,))
+        super().__init__(autowrap_functions=(conv_add_residual, conv_add_preact))
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, _LEAVES) or super().is_leaf_module(module, qualified_name)
+
+
+def conv_add_preact(conv: FusedConv2dPreact, x: torch.Tensor, residual) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a fused conv (-> BN) -> add -> BN + ReLU chain computes, as (y, z); a residual the epilogue
+    cannot take is added as the model wrote it (see conv_add_residual)."""
+    if isinstance(residual, torch.Tensor) and residual.dtype == conv.weight.dtype and residual.shape == conv.output_shape(x):
+        return conv(x, residual)
+    y = conv.conv(x) + residual
+    return y, conv.pre_activate(y)
 
 
 def _trace(module: nn.Module) -> fx.Graph:
@@ -118,6 +142,7 @@ class _Match:
     conv: fx.Node
     bn: fx.Node | None
     add: fx.Node | None
+    preact: fx.Node | None = None  # the BatchNorm that reads the add's value, in a pre-activation chain
 
     @property
     def last(self) -> fx.Node:
@@ -143,6 +168,14 @@ def _match(conv: fx.Node, pattern, modules, modules_only: bool) -> _Match | None
     match = _Match([conv], pattern, conv, None, None)
     for kind in pattern[1:]:
         previous = match.last
+        if kind.startswith("preact_"):  # one of the add's users, which may have others
+            wanted = kind.removeprefix("preact_")
+            step = next((u for u in previous.users if _kind(u, modules, modules_only) == wanted and u.args[0] is previous), None)
+            if step is None or _features(modules[step.target]) != modules[conv.target].out_channels:
+                return None
+            match.preact = step
+            match.nodes.append(step)
+            continue
         step = _single_user(previous)
         while step is not None and _kind(step, modules, modules_only) == "identity":
             match.nodes.append(step)
@@ -169,6 +202,8 @@ def _first_match(conv: fx.Node, modules, patterns, modules_only: bool) -> _Match
 def _fused_conv(match: _Match, modules, backend: str, dtype) -> FusedConv2d:
     conv = modules[match.conv.target]
     bn = modules[match.bn.target] if match.bn is not None else None
+    if match.preact is not None:
+        return FusedConv2dPreact.from_conv_bn(conv, bn, preact_bn=modules[match.preact.target], backend=backend, dtype=dtype)
     relu = "relu" in match.pattern or "bn_relu" in match.pattern
     return FusedConv2d.from_conv_bn(conv, bn, relu=relu, backend=backend, dtype=dtype)
 
@@ -186,8 +221,13 @@ def _matches(graph: fx.Graph, modules, patterns, modules_only: bool) -> list[_Ma
     return found
 
 
-def _group(match: _Match, prefix: str) -> FusionGroup:
-    return FusionGroup(prefix + match.conv.target, "+".join(k for k in match.pattern), True)
+def _group(match: _Match, prefix: str, names: dict[str, str] | None = None) -> FusionGroup:
+    """The group of a match; `names` gives the model's path of a module known by another name here."""
+    pattern = "+".join(match.pattern)
+    if match.preact is not None:
+        name = (names or {}).get(match.preact.target, prefix + match.preact.target)
+        pattern += f" (the add's value and {name} of it, two outputs)"
+    return FusionGroup(prefix + match.conv.target, pattern, True)
 
 
 def _unfused_reason(bn_node: fx.Node, modules) -> str:
@@ -209,6 +249,8 @@ def _unfused_reason(bn_node: fx.Node, modules) -> str:
         return "the conv before it is shared with other call sites that differ"
     if isinstance(module, FusedConv2d):
         return f"it follows {source.target}, a conv already fused with its residual add or BatchNorm"
+    if _kind(source, modules, modules_only=False) == "add":
+        return "it follows an add that no conv (-> BN) -> add chain computes, so no conv can write it as a second output"
     what = type(module).__name__ if module is not None else f"{source.op} {getattr(source.target, '__name__', source.target)}"
     return f"it follows {what}, not a conv: no conv to fold it into"
 
@@ -227,17 +269,47 @@ def _free_name(root: nn.Module, wanted: str) -> str:
     return name
 
 
-def _rewrite(module: nn.Module, backend, dtype, prefix: str, groups, report_rest: bool) -> fx.GraphModule:
-    """`module`'s forward as a GraphModule in which every match (adds included) is one FusedConv2d call."""
+def _rewrite(module: nn.Module, backend, dtype, prefix: str, groups, report_rest: bool, tail=None) -> tuple[fx.GraphModule, bool]:
+    """`module`'s forward as a GraphModule in which every match (adds included) is one FusedConv2d call.
+
+    `tail`: (path, BatchNorm), the pre-activation BN its caller applies to its output; it is appended to
+    the forward and fused there if a chain takes it. Returns the GraphModule and whether the tail was
+    taken (then the caller must stop applying it)."""
     graph = _trace(module)
     gm = fx.GraphModule(module, graph, class_name=f"Fused{type(module).__name__}")
+    names, tail_node = {}, None
+    output = next(n for n in graph.nodes if n.op == "output")
+    if tail is not None and isinstance(output.args[0], fx.Node):  # (not a tuple or dict returned)
+        tail_path, tail_bn = tail
+        local = _free_name(gm, "preact_" + tail_path.replace(".", "_"))
+        gm.add_submodule(local, tail_bn)
+        names[local] = tail_path
+        with graph.inserting_before(output):
+            tail_node = graph.call_module(local, (output.args[0],))
+        output.args = (tail_node,)
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    for match in _matches(graph, modules, PATTERNS, modules_only=False):
+    matches = _matches(graph, modules, PATTERNS, modules_only=False)
+    tail_taken = any(m.preact is tail_node for m in matches if tail_node is not None)
+    if tail_node is not None and not tail_taken:  # no chain took it: the caller keeps applying it
+        output.args = (tail_node.args[0],)
+        graph.erase_node(tail_node)
+    for match in matches:
         # A conv (BN) called from one place is replaced where it is, keeping its name in the state_dict.
         conv_name, bn_name = match.conv.target, match.bn.target if match.bn is not None else None
         name = conv_name if calls[conv_name] == 1 else _free_name(gm, conv_name)
         gm.add_submodule(name, _fused_conv(match, modules, backend, dtype))
+        if match.preact is not None:
+            # Where the add was: y's other users may come before the BatchNorm.
+            with graph.inserting_before(match.add):
+                both = graph.call_function(conv_add_preact, (graph.get_attr(name), match.conv.args[0], match.residual))
+                y, z = (graph.call_function(operator.getitem, (both, i)) for i in (0, 1))
+            match.add.replace_all_uses_with(y)
+            match.last.replace_all_uses_with(z)
+            for node in reversed(match.nodes):
+                graph.erase_node(node)
+            groups.append(_group(match, prefix, names))
+            continue
         with graph.inserting_before(match.last):
             if match.residual is None:
                 out = graph.call_module(name, (match.conv.args[0],))
@@ -255,7 +327,7 @@ def _rewrite(module: nn.Module, backend, dtype, prefix: str, groups, report_rest
         _report_unfused(graph, dict(gm.named_modules()), prefix, groups)
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm
+    return gm, tail_taken
 
 
 def _substitute(root: nn.Module, backend, dtype, prefix: str, groups, in_tree: Counter) -> None:
@@ -284,17 +356,56 @@ def _substitute(root: nn.Module, backend, dtype, prefix: str, groups, in_tree: C
     _report_unfused(_trace(root), dict(root.named_modules()), prefix, groups)
 
 
-def _owners_of_residual_chains(graph: fx.Graph, modules) -> set[str]:
-    """The modules whose forward holds the add of a conv -> (BN ->) add chain ("" is the root)."""
-    owners = set()
+def _caller(node: fx.Node) -> str:
+    """The path of the module whose forward holds this node ("" is the root)."""
+    stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+    if node.op == "call_module" and stack and stack[-1] == node.target:  # a module call lists the module itself
+        stack = stack[:-1]
+    return stack[-1] if stack else ""
+
+
+def _common_ancestor(a: str, b: str) -> str:
+    common = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def _owners_of_residual_chains(graph: fx.Graph, modules, in_tree: Counter) -> dict[str, str | None]:
+    """The modules whose forward holds the add of a conv -> (BN ->) add chain ("" is the root), each with
+    the tail its rewrite takes (see _rewrite), or None.
+
+    A pre-activation chain's owner holds both its add and its BN: their closest common ancestor. When
+    that is the module whose forward calls the BN, which reads the value a child returns and nothing
+    else reads, the owner is that child, with the BN as its tail: the ancestor itself is left as it is.
+    """
+    owners: dict[str, str | None] = {}
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     for match in _matches(graph, modules, PATTERNS, modules_only=False):
         if match.add is None:
             continue
-        stack = [path for path, _ in match.add.meta.get("nn_module_stack", {}).values()]
-        owner = stack[-1] if stack else ""
-        if all(n.op != "call_module" or not owner or n.target.startswith(owner + ".") for n in match.nodes):
-            owners.add(owner)
-    return {o for o in owners if not any(o.startswith(other + ".") for other in owners)}
+        owner, tail, inside = _caller(match.add), None, match.nodes
+        if match.preact is not None:
+            bn_caller = _caller(match.preact)
+            owner = _common_ancestor(owner, bn_caller)
+            bn = match.preact.target
+            if (
+                owner == bn_caller
+                and match.pattern[-1] == "preact_bn_relu"
+                and len(match.add.users) == 1
+                and calls[bn] == 1
+                and in_tree[id(modules[bn])] == 1
+            ):
+                child = _caller(match.add)[len(owner) + 1 if owner else 0 :].split(".")[0]
+                owner, tail, inside = f"{owner}.{child}" if owner else child, bn, match.nodes[:-1]
+        if all(n.op != "call_module" or not owner or n.target.startswith(owner + ".") for n in inside):
+            if tail is not None:
+                owners[owner] = tail
+            else:
+                owners.setdefault(owner, None)
+    return {o: tail for o, tail in owners.items() if not any(o.startswith(other + ".") for other in owners if other)}
 
 
 def fuse_graph(module: nn.Module, backend: str, dtype, groups: list[FusionGroup], prefix: str = "", in_tree=None) -> nn.Module:
@@ -317,11 +428,14 @@ def fuse_graph(module: nn.Module, backend: str, dtype, groups: list[FusionGroup]
             if child is not None:
                 setattr(module, name, fuse_graph(child, backend, dtype, groups, f"{prefix}{name}.", in_tree))
         return module
-    owners = _owners_of_residual_chains(graph, dict(module.named_modules()))
+    owners = _owners_of_residual_chains(graph, dict(module.named_modules()), in_tree)
     if "" in owners:
-        return _rewrite(module, backend, dtype, prefix, groups, report_rest=True)
-    for owner in sorted(owners):
-        fused_owner = _rewrite(module.get_submodule(owner), backend, dtype, f"{prefix}{owner}.", groups, False)
+        return _rewrite(module, backend, dtype, prefix, groups, report_rest=True)[0]
+    for owner, tail in sorted(owners.items()):
+        tail_bn = None if tail is None else (prefix + tail, module.get_submodule(tail))
+        fused_owner, tail_taken = _rewrite(module.get_submodule(owner), backend, dtype, f"{prefix}{owner}.", groups, False, tail_bn)
         module.set_submodule(owner, fused_owner)
+        if tail_taken:
+            module.set_submodule(tail, nn.Identity())
     _substitute(module, backend, dtype, prefix, groups, in_tree)
     return module

@@ -18,7 +18,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import backends, ops
-from .fold import BN_TYPES, fold_bn
+from .fold import BN_TYPES, bn_scale_shift, fold_bn
 from .known_modules import block_twin_problem
 from .validation import conv_output_size
 
@@ -106,19 +106,13 @@ class FusedConv2d(nn.Module):
     ) -> Tensor:
         """`relu=False` leaves out the activation (for a residual the epilogue cannot take).
         `residual_writable=True`: the caller will not read `residual` again (see ops.conv2d_bias_act)."""
+        relu = self.relu if relu is None else relu
         return ops.conv2d_bias_act(
-            x,
-            self.weight,
-            self.bias,
-            residual,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            relu=self.relu if relu is None else relu,
-            backend=self.backend,
-            residual_writable=residual_writable,
+            x, self.weight, self.bias, residual, relu=relu, residual_writable=residual_writable, **self._conv_arguments()
         )
+
+    def _conv_arguments(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups, backend=self.backend)
 
     def train(self, mode: bool = True):
         global _warned_train
@@ -133,6 +127,46 @@ class FusedConv2d(nn.Module):
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
             f"bias={self.bias is not None}, relu={self.relu}, backend={self.backend!r}"
         )
+
+
+class FusedConv2dPreact(FusedConv2d):
+    """(y, z): y = conv2d(x, weight) + bias [+ residual], the residual stream of a pre-activation ResNet, and
+    z = relu(y * preact_scale + preact_shift), the next block's BatchNorm + ReLU of it, from one kernel."""
+
+    def __init__(self, *args, relu: bool = False, **kwargs):
+        if relu:
+            raise ValueError("FusedConv2dPreact's y is the residual stream, which is never activated: relu must be False")
+        super().__init__(*args, relu=False, **kwargs)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.preact_scale = nn.Parameter(torch.empty(self.out_channels, **factory))
+        self.preact_shift = nn.Parameter(torch.empty(self.out_channels, **factory))
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, preact_bn: nn.Module, backend: str = "auto",
+                     dtype=None):
+        """The conv with `bn` (if any) folded in, and `preact_bn` (the BatchNorm that the ReLU of z follows)
+        as its per-channel scale and shift. No module is modified."""
+        fused = super().from_conv_bn(conv, bn, relu=False, backend=backend, dtype=dtype)
+        scale, shift = bn_scale_shift(preact_bn, dtype=fused.weight.dtype)
+        with torch.no_grad():
+            fused.preact_scale.copy_(scale)
+            fused.preact_shift.copy_(shift)
+        return fused
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        scale, shift = self.preact_scale, self.preact_shift
+        return ops.conv2d_preact(x, self.weight, self.bias, residual, scale=scale, shift=shift, **self._conv_arguments())
+
+    def conv(self, x: Tensor) -> Tensor:
+        """conv2d(x, weight) + bias alone, for a residual the epilogue cannot take (then see pre_activate)."""
+        return super().forward(x, relu=False)
+
+    def pre_activate(self, y: Tensor) -> Tensor:
+        """z for a y computed apart."""
+        return torch.relu(y * self.preact_scale[:, None, None] + self.preact_shift[:, None, None])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", preact=True"
 
 
 def fuse_downsample(downsample: nn.Module | None, backend: str, dtype=None) -> nn.Module | None:

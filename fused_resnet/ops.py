@@ -1,6 +1,9 @@
 """The fused ops, registered through torch.library so that autograd, torch.compile and torch.export see them.
 
     conv2d_bias_act(x, weight, bias, residual) = act(conv2d(x, weight) + bias + residual)
+    conv2d_preact(x, weight, bias, residual, scale, shift) = (y, z) with
+        y = conv2d(x, weight) + bias + residual    (a pre-activation ResNet's residual stream)
+        z = relu(y * scale + shift)                (the next block's BatchNorm + ReLU, folded to an affine map)
     add_relu(x, y)                             = relu(x + y)
 
 Each op validates its arguments, picks a backend (see fused_resnet.backends) and lets it write a
@@ -17,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .validation import check_add_relu, check_conv, check_types, pair
+from .validation import check_add_relu, check_conv, check_preact, check_types, pair
 
 # When True, outputs are filled with NaN before a backend writes them, so an element a kernel
 # forgets to write shows up as NaN downstream. For tests and debugging; it costs a fill per op.
@@ -86,9 +89,7 @@ def _validate_conv(x, weight, bias, residual, stride, padding, dilation, groups,
     if validated is None:
         backends.check_name(backend)
         shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
-        # Dilation along a kernel axis of size 1 changes nothing, and oneDNN's bfloat16 channels_last
-        # conv crashes on some such shapes (eager F.conv2d as well): every backend gets it as 1.
-        dilation = [1 if k == 1 else d for k, d in zip(weight.shape[2:], dilation)]
+        dilation = _effective_dilation(weight, dilation)
         if len(_validated) >= MAX_VALIDATED:
             _validated.clear()
         validated = _validated[key] = (shape, dilation)
@@ -137,6 +138,22 @@ def _compute_conv2d_bias_act(
     return _run_conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
 
 
+def _effective_dilation(weight: Tensor, dilation: Sequence[int]) -> list[int]:
+    """Dilation along a kernel axis of size 1 changes nothing, and oneDNN's bfloat16 channels_last conv
+    crashes on some such shapes (eager F.conv2d as well): every backend gets it as 1."""
+    return [1 if k == 1 else d for k, d in zip(weight.shape[2:], dilation)]
+
+
+def _as_output(result: Tensor | None, out: Tensor) -> Tensor:
+    """What a backend computed, as the op's output: `out` when the backend wrote it, the backend's own
+    tensor when it has out's strides, else out with the result copied in."""
+    if result is None or result is out:
+        return out
+    if result.stride() == out.stride():
+        return result
+    return out.copy_(result)
+
+
 _conv2d_bias_act = torch.library.custom_op("fused_resnet::conv2d_bias_act", mutates_args=())(_compute_conv2d_bias_act)
 
 
@@ -157,9 +174,14 @@ def _conv_setup_context(ctx, inputs, output):
 
 def _conv_backward(ctx, grad):
     x, weight, output = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv_args
     if output is not None:
         grad = grad * (output > 0)
+    return (*_conv_backward_from(ctx, grad, x, weight), None, None, None, None, None, None)
+
+
+def _conv_backward_from(ctx, grad, x, weight) -> tuple:
+    """The gradients of x, weight, bias and residual, given the gradient of conv2d(x, weight) + bias + residual."""
+    stride, padding, dilation, groups = ctx.conv_args
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
     grad_x = grad_w = None
     if need_x or need_w:
@@ -168,10 +190,69 @@ def _conv_backward(ctx, grad):
         )
     grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
     grad_r = grad if ctx.has_residual and need_r else None
-    return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, grad_r
 
 
 _conv2d_bias_act.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+def _compute_conv2d_preact(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    scale: Tensor,
+    shift: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    backends.check_name(backend)
+    shape = check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+    out, out_preact = _new_output(x, shape), _new_output(x, shape)
+    if out.numel() == 0:
+        return out, out_preact
+    dilation = _effective_dilation(weight, dilation)
+    args = (x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+    result = backends.select_preact(backend, *args, out).conv2d_preact(out, out_preact, *args)
+    if result is None:
+        return out, out_preact
+    return _as_output(result[0], out), _as_output(result[1], out_preact)
+
+
+_conv2d_preact = torch.library.custom_op("fused_resnet::conv2d_preact", mutates_args=())(_compute_conv2d_preact)
+
+
+@_conv2d_preact.register_fake
+def _(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, backend):
+    backends.check_name(backend)
+    shape = check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+    return tuple(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last) for _ in "yz")
+
+
+def _preact_setup_context(ctx, inputs, output):
+    x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, _ = inputs
+    ctx.save_for_backward(x, weight, scale, *output)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+
+
+def _preact_backward(ctx, grad_y, grad_z):
+    x, weight, scale, y, z = ctx.saved_tensors
+    # Through z = relu(y * scale + shift): where z > 0 its gradient reaches y (times scale), scale and shift.
+    grad_affine = grad_z * (z > 0)
+    need_scale, need_shift = ctx.needs_input_grad[4:6]
+    grad_scale = (grad_affine * y).sum((0, 2, 3)) if need_scale else None
+    grad_shift = grad_affine.sum((0, 2, 3)) if need_shift else None
+    grad = grad_y + grad_affine * scale[:, None, None]
+    grad_x, grad_w, grad_b, grad_r = _conv_backward_from(ctx, grad, x, weight)
+    return grad_x, grad_w, grad_b, grad_r, grad_scale, grad_shift, None, None, None, None, None
+
+
+_conv2d_preact.register_autograd(_preact_backward, setup_context=_preact_setup_context)
 
 
 def _compute_add_relu(x: Tensor, y: Tensor, backend: str) -> Tensor:
@@ -241,6 +322,45 @@ def conv2d_bias_act(
     if _plain_eager_call(x, weight, bias, residual):
         return _run_conv2d_bias_act(*args, residual_writable=residual_writable and residual is not None)
     return _conv2d_bias_act(*args)
+
+
+def conv2d_preact(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    *,
+    scale: Tensor,
+    shift: Tensor,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """(y, z): y = F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual, and
+    z = relu(y * scale + shift) with `scale` and `shift` per output channel.
+
+    In a pre-activation ResNet (v2), y is the residual stream and z the next block's BatchNorm + ReLU
+    of it (fold.bn_scale_shift gives scale and shift): one pass computes both. Layouts and `backend`
+    as for conv2d_bias_act; both results are channels_last.
+    """
+    check_types(dict(x=x, weight=weight, scale=scale, shift=shift), dict(bias=bias, residual=residual),
+                groups=groups, backend=backend)
+    op = _compute_conv2d_preact if _plain_eager_call(x, weight, bias, residual, scale, shift) else _conv2d_preact
+    return op(
+        x,
+        weight,
+        bias,
+        residual,
+        scale,
+        shift,
+        pair(stride, "stride"),
+        pair(padding, "padding"),
+        pair(dilation, "dilation"),
+        groups,
+        backend,
+    )
 
 
 def add_relu(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor:

@@ -56,3 +56,18 @@ def add_relu_checker(x, y) -> Callable[[Tensor], str | None]:
         return out
 
     return _checker(compute, (x, y))
+
+
+def both_outputs(y: Tensor, z: Tensor) -> Tensor:
+    """conv2d_preact's two outputs as one tensor, checked as one (they have one shape and scale)."""
+    return torch.stack((y, z))
+
+
+def preact_checker(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups) -> Callable[[Tensor], str | None]:
+    """The check of conv2d_preact's outputs, given as both_outputs(y, z)."""
+
+    def compute(x, weight, bias, residual, scale, shift):
+        y, z = reference.conv2d_preact(None, None, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+        return both_outputs(y, z)
+
+    return _checker(compute, (x, weight, bias, residual, scale, shift))

@@ -130,6 +130,17 @@ def check_conv(x, weight, bias, residual, stride, padding, dilation, groups) -> 
     return n, cout, oh, ow
 
 
+def check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups) -> tuple[int, int, int, int]:
+    """Validates a conv2d_preact call (check_conv, and the pre-activation's per-channel affine map) and
+    returns the shape of both outputs."""
+    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+    for name, t in (("scale", scale), ("shift", shift)):
+        _check_tensor(t, name, like=x)
+        if tuple(t.shape) != (shape[1],):
+            raise ValueError(f"{name} must have shape ({shape[1]},), one value per output channel, got {tuple(t.shape)}")
+    return shape
+
+
 def check_add_relu(x, y) -> None:
     _check_tensor(x, "x")
     _check_tensor(y, "y", like=x)

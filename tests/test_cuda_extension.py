@@ -69,6 +69,11 @@ SCHEMAS = {
         "fused_resnet_C::conv2d_bias_act_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
         "int[2] stride, int[2] padding, int[2] dilation, bool relu, int config, Tensor(a!) out) -> ()"
     ),
+    "conv2d_preact_out": (
+        "fused_resnet_C::conv2d_preact_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor scale, "
+        "Tensor shift, int[2] stride, int[2] padding, int[2] dilation, int config, Tensor(a!) out, "
+        "Tensor(b!) out_preact) -> ()"
+    ),
     "conv2d_configs": "fused_resnet_C::conv2d_configs() -> str[]",
     "conv2d_kernel": (
         "fused_resnet_C::conv2d_kernel(ScalarType dtype, int[] x_size, int[] weight_size, int[2] stride, "
@@ -112,6 +117,7 @@ def test_op_schema(name):
         ("add_relu_out", ("CPU", "CUDA", "Autograd")),
         pytest.param("conv2d_bias_act", ("CUDA", "Autograd"), marks=NEEDS_CONV),
         pytest.param("conv2d_bias_act_out", ("CUDA", "Autograd"), marks=NEEDS_CONV),
+        pytest.param("conv2d_preact_out", ("CUDA", "Autograd"), marks=NEEDS_CONV),
     ],
 )
 def test_op_kernels_registered(name, keys):
@@ -367,15 +373,20 @@ def test_sm90_machine_code_uses_tensor_cores():
     for name, body in convs.items():
         assert re.search(r"HMMA\.16816\.F32", body), f"no HMMA in {name[:120]}..."
     assert sum(bool(re.search(r"HMMA\.16816\.F32\.BF16", body)) for body in convs.values()) == sm80_style
-    # Hopper kernels (built with 9.0a), per config, element type and with / without a residual:
-    # wgmma (HGMMA) fed by TMA loads in im2col mode.
+    # Hopper kernels (built with 9.0a), per config, element type, with / without a residual and with /
+    # without the pre-activation output: wgmma (HGMMA) fed by TMA loads in im2col mode.
     assert bool(hopper) == (arch == "sm_90a"), (arch, hopper)
     universal = {name: body for name, body in functions.items() if "ConvUniversal" in name}
-    assert len(universal) == 4 * len(hopper), sorted(universal)
+    assert len(universal) == 8 * len(hopper), sorted(universal)
     for name, body in universal.items():
         assert re.search(r"HGMMA\.\d+x\d+x16\.F32", body), f"no HGMMA in {name[:120]}..."
         assert re.search(r"UTMALDG\.4D\.IM2COL", body), f"no im2col TMA load in {name[:120]}..."
-    assert sum(bool(re.search(r"HGMMA\.\S*\.BF16", body)) for body in universal.values()) == 2 * len(hopper)
+    assert sum(bool(re.search(r"HGMMA\.\S*\.BF16", body)) for body in universal.values()) == 4 * len(hopper)
+    # The pre-activation kernels store the output z by TMA and y from registers (global stores).
+    preact = {name: body for name, body in universal.items() if "PreactFusion" in name}
+    assert len(preact) == 4 * len(hopper), sorted(universal)
+    for name, body in preact.items():
+        assert re.search(r"UTMASTG", body) and re.search(r"\bSTG\.E", body), f"not both stores in {name[:120]}..."
 
 
 def test_add_relu_kernel_does_not_read_through_the_read_only_cache():

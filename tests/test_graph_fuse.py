@@ -46,8 +46,9 @@ MODELS = {
         "resnet18", "resnet50", "resnet50c", "resnet50d", "resnet26t", "seresnet50", "ecaresnet50d", "resnext50_32x4d",
     )},  # fmt: skip
     # Each block's first BatchNorm + ReLU acts on the residual stream (after an add, not a conv), as does
-    # the final norm: 16 + 1 stay.
-    "timm:resnetv2_50": 17,
+    # the final norm: the conv whose epilogue adds that stream writes it as a second output, except for the
+    # first block's, which follows the stem's maxpool: 1 of the 17 stays.
+    "timm:resnetv2_50": 1,
     **dict.fromkeys(OTHER_MODELS, 0),
 }
 SLOW = {"deeplabv3_resnet50", "vgg11_bn", "fasterrcnn_fpn_backbone", "fasterrcnn_fpn_backbone_batchnorm"}

@@ -15,8 +15,9 @@ def test_inspect_prints_each_group_and_why_not():
     result = _run("inspect", "--arch", "timm:resnetv2_50")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "ResNetV2: 48 groups fused, 17 left unfused; BatchNorm modules 49 -> 17"
+    assert lines[0] == "ResNetV2: 48 groups fused, 1 left unfused; BatchNorm modules 49 -> 1"
     assert "  fused      stages.0.blocks.0.conv1" in result.stdout
+    assert any("stages.2.blocks.5.conv3" in line and "stages.3.blocks.0.norm1 of it, two outputs" in line for line in lines)
     assert any("NOT fused  stages.0.blocks.0.norm1" in line and "it follows MaxPool2d, not a conv" in line for line in lines)
 
 

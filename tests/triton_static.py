@@ -72,9 +72,11 @@ class Layer:
     dilation: int = 1
     groups: int = 1
     residual: bool = False
+    preact: bool = False  # the second, pre-activation output (conv.Preact)
 
 
-# ResNet-50's kinds of layer, ResNeXt's grouped 3x3 and a dilated backbone's 3x3.
+# ResNet-50's kinds of layer, ResNeXt's grouped 3x3, a dilated backbone's 3x3, and the 1x1 convs of a
+# pre-activation ResNet (v2) that also write the next block's BatchNorm + ReLU.
 LAYERS = [
     Layer("stem_7x7_s2", 3, 224, 64, 7, stride=2, padding=3),
     Layer("1x1_64_256_residual", 64, 56, 256, 1, residual=True),
@@ -83,6 +85,8 @@ LAYERS = [
     Layer("3x3_grouped_g32", 128, 56, 128, 3, padding=1, groups=32),
     Layer("3x3_dilated_d2_512", 512, 28, 512, 3, padding=2, dilation=2),
     Layer("3x3_layer4_7x7_512", 512, 7, 512, 3, padding=1),
+    Layer("1x1_64_256_residual_preact", 64, 56, 256, 1, residual=True, preact=True),
+    Layer("1x1_layer4_7x7_512_2048_residual_preact", 512, 7, 2048, 1, residual=True, preact=True),
 ]
 BATCHES = (1, 256)
 
@@ -101,9 +105,12 @@ def layer_arguments(layer: Layer, batch: int, dtype: torch.dtype, precision: str
     out = channels_last(batch, layer.out_channels, out_size, out_size)
     bias = torch.empty(layer.out_channels, dtype=dtype, device="meta")
     residual = channels_last(batch, layer.out_channels, out_size, out_size) if layer.residual else None
+    preact = None
+    if layer.preact:
+        preact = conv.Preact(bias, torch.empty_like(bias), channels_last(batch, layer.out_channels, out_size, out_size))
     pair = lambda v: (v, v)  # noqa: E731
     return conv.kernel_arguments(out, x, w, bias, residual, pair(layer.stride), pair(layer.padding),
-                                 pair(layer.dilation), layer.groups, True, precision)
+                                 pair(layer.dilation), layer.groups, not layer.preact, precision, preact)
 
 
 def candidate_configs(layer: Layer, batch: int) -> list:

@@ -108,11 +108,23 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x) {
               t.scalar_type(), " but x has dtype ", x.scalar_type());
 }
 
-void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, int64_t config,
-                              at::Tensor& out) {
-  const char* op = "fused_resnet_C::conv2d_bias_act: ";
+// The second output of conv2d_preact: out = relu(y * scale + shift), per output channel.
+struct PreactOutput {
+  const at::Tensor& scale;
+  const at::Tensor& shift;
+  at::Tensor& out;
+};
+
+// A per-channel vector as the kernels read it: dense and 16-byte aligned.
+at::Tensor dense_aligned(const at::Tensor& t) {
+  at::Tensor dense = t.contiguous();
+  return aligned16(dense) ? dense : dense.clone();
+}
+
+void run_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                at::IntArrayRef dilation, bool relu, int64_t config, at::Tensor& out, const PreactOutput* preact) {
+  const char* op = preact ? "fused_resnet_C::conv2d_preact: " : "fused_resnet_C::conv2d_bias_act: ";
   TORCH_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got one on ", x.device());
   check_tensor(weight, "weight", x);
   check_tensor(out, "out", x);
@@ -129,10 +141,25 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
     TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), op, "residual has shape ", residual->sizes(),
                 ", expected ", at::IntArrayRef(out_shape));
   }
+  if (preact) {
+    for (const at::Tensor* vector : {&preact->scale, &preact->shift}) {
+      check_tensor(*vector, "scale and shift", x);
+      TORCH_CHECK(vector->dim() == 1 && vector->size(0) == k, op, "scale and shift must have shape (", k, "), got ",
+                  vector->sizes());
+    }
+    check_tensor(preact->out, "out_preact", x);
+    TORCH_CHECK(preact->out.sizes() == at::IntArrayRef(out_shape), op, "out_preact has shape ", preact->out.sizes(),
+                ", expected ", at::IntArrayRef(out_shape));
+    at::assert_no_internal_overlap(preact->out);
+    at::assert_no_overlap(preact->out, out);
+  }
   at::assert_no_internal_overlap(out);
   for (const at::Tensor* input : {&x, &weight, bias ? &*bias : nullptr, residual ? &*residual : nullptr}) {
     if (input != nullptr) {
       at::assert_no_overlap(out, *input);
+      if (preact) {
+        at::assert_no_overlap(preact->out, *input);
+      }
     }
   }
   const Conv2dLayer layer{x.scalar_type(), n, x.size(1), x.size(2), x.size(3), k, weight.size(1), weight.size(2),
@@ -151,16 +178,14 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
   const Conv2dKernelChoice choice = choose_conv2d_kernel(layer, gpu, config);
   TORCH_CHECK(choice.reason.empty(), op, "on ", x.device(), ": ", choice.reason);
   const Conv2dConfig& kernel = kConv2dConfigs[choice.config];
+  // CUTLASS 2.x's epilogue hands its functor a single per-channel vector (the bias): only the Hopper
+  // kernels' visitor tree takes the scale and shift of a second output.
+  TORCH_CHECK(!preact || kernel.algorithm == Conv2dAlgorithm::kHopperTma, op, "kernel ", kernel.name,
+              " has no pre-activation output: only the Hopper (sm_90a) kernels do");
 
   const at::Tensor x_nhwc = dense_nhwc(x, choice.channels);
   const at::Tensor weight_krsc = dense_nhwc(weight, choice.channels);
-  at::Tensor bias_dense;
-  if (bias) {
-    bias_dense = bias->contiguous();
-    if (!aligned16(bias_dense)) {
-      bias_dense = bias_dense.clone();
-    }
-  }
+  const at::Tensor bias_dense = bias ? dense_aligned(*bias) : at::Tensor();
   const at::Tensor residual_nhwc = residual ? dense_nhwc(*residual, k) : at::Tensor();
   at::Tensor out_nhwc = out.permute({0, 2, 3, 1});
   const bool out_in_place = out_nhwc.is_contiguous() && aligned16(out_nhwc);
@@ -173,6 +198,17 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
   problem.residual = residual ? residual_nhwc.const_data_ptr() : nullptr;
   problem.out = target.mutable_data_ptr();
   problem.relu = relu;
+  at::Tensor scale_dense, shift_dense, preact_nhwc, preact_target;
+  if (preact) {
+    scale_dense = dense_aligned(preact->scale);
+    shift_dense = dense_aligned(preact->shift);
+    preact_nhwc = preact->out.permute({0, 2, 3, 1});
+    preact_target = preact_nhwc.is_contiguous() && aligned16(preact_nhwc) ? preact_nhwc
+                                                                         : at::empty(preact_nhwc.sizes(), preact_nhwc.options());
+    problem.preact_scale = scale_dense.const_data_ptr();
+    problem.preact_shift = shift_dense.const_data_ptr();
+    problem.preact_out = preact_target.mutable_data_ptr();
+  }
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool half = x.scalar_type() == at::kHalf;
@@ -192,6 +228,24 @@ void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, con
   if (!out_in_place) {
     out_nhwc.copy_(target);
   }
+  if (preact && !preact_target.is_same(preact_nhwc)) {
+    preact_nhwc.copy_(preact_target);
+  }
+}
+
+void conv2d_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, int64_t config,
+                              at::Tensor& out) {
+  run_conv2d(x, weight, bias, residual, stride, padding, dilation, relu, config, out, nullptr);
+}
+
+void conv2d_preact_out_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, const at::Tensor& scale, const at::Tensor& shift,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t config,
+                            at::Tensor& out, at::Tensor& out_preact) {
+  const PreactOutput preact{scale, shift, out_preact};
+  run_conv2d(x, weight, bias, residual, stride, padding, dilation, /*relu=*/false, config, out, &preact);
 }
 
 at::Tensor conv2d_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -208,6 +262,7 @@ at::Tensor conv2d_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, c
 TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
   m.impl("conv2d_bias_act", &conv2d_bias_act_cuda);
   m.impl("conv2d_bias_act_out", &conv2d_bias_act_out_cuda);
+  m.impl("conv2d_preact_out", &conv2d_preact_out_cuda);
 }
 
 }  // namespace fused_resnet

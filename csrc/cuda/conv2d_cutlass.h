@@ -83,6 +83,11 @@ struct Conv2dProblem {
   const void* residual;  // or nullptr
   void* out;
   bool relu;
+  // The second, pre-activated output preact_out = relu(y * preact_scale[k] + preact_shift[k]) of y = out
+  // (then computed without ReLU): Hopper kernels only. Null pointers: no second output.
+  const void* preact_scale = nullptr;  // K values
+  const void* preact_shift = nullptr;  // K values
+  void* preact_out = nullptr;          // N x P x Q x K
 };
 
 // "N=.. C=.. HxW=.. -> K=.. RxS=.. stride .. padding .. dilation .." for error messages.

@@ -13,6 +13,14 @@
 // a residual runs a kernel built without the source operand (ElementC = void) rather than one that
 // multiplies a source it never loaded by beta = 0 (0 * an unloaded register need not be 0).
 //
+// With a pre-activation output (a pre-activation ResNet's next BatchNorm + ReLU, see PreactFusion) the
+// tree is instead
+//
+//     y = accumulator + residual + bias[k]         stored by an auxiliary TMA store
+//     out = relu(y * scale[k] + shift[k])          the kernel's own output
+//
+// so that one kernel writes both, y from the same fp32 value the pre-activation reads.
+//
 // Included by conv2d_cutlass_sm90_fp16.cu and conv2d_cutlass_sm90_bf16.cu only: it is slow to compile.
 
 #pragma once
@@ -72,14 +80,97 @@ struct OptionalRelu<cutlass::Array<T, N>> {
   }
 };
 
-template <typename Element, int TileM, int TileN, bool Residual>
+// The pre-activation epilogue as a fusion operation: what the epilogue builder needs to plan an auxiliary
+// output (an NHWC tensor of Element, like the output), with the tree PreactTree.
+template <typename Element, typename ElementResidual>
+struct PreactFusion : cutlass::epilogue::fusion::LinCombPerColBiasEltActAux<
+                          cutlass::layout::TensorNHWC, OptionalRelu, Element, float, Element, Element, ElementResidual, float> {};
+
+using OutputStride = cutlass::gemm::TagToStrideC_t<cutlass::layout::TensorNHWC>;
+using ChannelVectorStride = cute::Stride<cute::_0, cute::_1, int64_t>;  // one value per output channel
+
+// relu(scale * store(y) + shift), y = beta * residual + (1 * accumulator + bias).
+template <int StagesC, int StagesD, class Element, class ElementResidual, class CtaTileShapeMNK, class EpilogueTile,
+          class SmemLayoutAtom, class CopyOpR2S>
+using PreactTree = cutlass::epilogue::fusion::Sm90EVT<
+    cutlass::epilogue::fusion::Sm90Compute<OptionalRelu, Element, float, cutlass::FloatRoundStyle::round_to_nearest>,
+    cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, float, float,
+                                               cutlass::FloatRoundStyle::round_to_nearest>,
+        cutlass::epilogue::fusion::Sm90RowBroadcast<0, CtaTileShapeMNK, Element, float, ChannelVectorStride>,  // scale
+        cutlass::epilogue::fusion::Sm90EVT<
+            // Stages 0: stored from registers, not by TMA, whose tile cannot follow the conv's (Q, P, N) pixel mode.
+            cutlass::epilogue::fusion::Sm90AuxStore<0, EpilogueTile, Element,
+                                                    cutlass::FloatRoundStyle::round_to_nearest, OutputStride,
+                                                    SmemLayoutAtom, CopyOpR2S>,
+            cutlass::epilogue::fusion::Sm90LinCombPerColBias<StagesC, CtaTileShapeMNK, EpilogueTile, float, float,
+                                                             Element, ElementResidual, float>>,       // y
+        cutlass::epilogue::fusion::Sm90RowBroadcast<0, CtaTileShapeMNK, Element, float, ChannelVectorStride>>>;  // shift
+
+}  // namespace sm90
+}  // namespace fused_resnet
+
+namespace cutlass::epilogue::fusion {
+
+// PreactTree as the callbacks of fused_resnet::sm90::PreactFusion in the warp-specialized TMA epilogue.
+template <int StagesC, int StagesD, int FragmentSize, bool ReuseSmemC, bool DelayTmaStore, class Element,
+          class ElementResidual, class CtaTileShapeMNK, class EpilogueTile, class SmemLayoutAtom, class CopyOpR2S>
+struct FusionCallbacks<epilogue::Sm90TmaWarpSpecialized<StagesC, StagesD, FragmentSize, ReuseSmemC, DelayTmaStore>,
+                       fused_resnet::sm90::PreactFusion<Element, ElementResidual>, CtaTileShapeMNK, EpilogueTile,
+                       SmemLayoutAtom, CopyOpR2S>
+    : fused_resnet::sm90::PreactTree<StagesC, StagesD, Element, ElementResidual, CtaTileShapeMNK, EpilogueTile,
+                                     SmemLayoutAtom, CopyOpR2S> {
+  using Impl = fused_resnet::sm90::PreactTree<StagesC, StagesD, Element, ElementResidual, CtaTileShapeMNK,
+                                              EpilogueTile, SmemLayoutAtom, CopyOpR2S>;
+  using Operation = fused_resnet::sm90::PreactFusion<Element, ElementResidual>;
+
+  struct Arguments {
+    float beta = 0.f;  // 1 with a residual
+    Element const* bias_ptr = nullptr;  // null: zeros
+    Element const* scale_ptr = nullptr;
+    Element const* shift_ptr = nullptr;
+    Element* y_ptr = nullptr;
+    fused_resnet::sm90::OutputStride dY = {};
+
+    operator typename Impl::Arguments() const {
+      using fused_resnet::sm90::ChannelVectorStride;
+      return {
+          {
+              {scale_ptr, Element(0), ChannelVectorStride{}},
+              {
+                  {
+                      {{beta}, {nullptr}, {}},  // beta
+                      {},                       // residual
+                      {{{1.f}, {nullptr}, {}}, {}, {bias_ptr, Element(0), ChannelVectorStride{}}, {}},
+                      {},
+                  },
+                  {y_ptr, dY},
+              },
+              {shift_ptr, Element(0), ChannelVectorStride{}},
+              {},
+          },
+          {true},  // the pre-activation's ReLU
+      };
+    }
+  };
+
+  using Impl::Impl;
+};
+
+}  // namespace cutlass::epilogue::fusion
+
+namespace fused_resnet {
+namespace sm90 {
+
+template <typename Element, int TileM, int TileN, bool Residual, bool Preact = false>
 struct HopperConv {
   static constexpr int kAlignment = 8;  // 16 bytes: what TMA needs of every dense dimension
   using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::Shape<cute::Int<kHopperChannelMultiple>>>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using ElementResidual = std::conditional_t<Residual, Element, void>;
-  using Fusion =
-      cutlass::epilogue::fusion::LinCombPerColBiasEltAct<OptionalRelu, Element, float, Element, ElementResidual, float>;
+  using Fusion = std::conditional_t<
+      Preact, PreactFusion<Element, ElementResidual>,
+      cutlass::epilogue::fusion::LinCombPerColBiasEltAct<OptionalRelu, Element, float, Element, ElementResidual, float>>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,  //
@@ -109,9 +200,9 @@ Stride output_stride(const Problem& problem) {
 }
 
 // The CUTLASS arguments for the problem (null pointers are fine for can_implement).
-template <typename Element, int TileM, int TileN, bool Residual>
-typename HopperConv<Element, TileM, TileN, Residual>::Device::Arguments arguments(const Conv2dProblem& problem) {
-  using K = HopperConv<Element, TileM, TileN, Residual>;
+template <typename Element, int TileM, int TileN, bool Residual, bool Preact = false>
+typename HopperConv<Element, TileM, TileN, Residual, Preact>::Device::Arguments arguments(const Conv2dProblem& problem) {
+  using K = HopperConv<Element, TileM, TileN, Residual, Preact>;
   using Kernel = typename K::Kernel;
   auto in = [](const void* p) { return static_cast<const Element*>(p); };
 
@@ -128,25 +219,35 @@ typename HopperConv<Element, TileM, TileN, Residual>::Device::Arguments argument
        static_cast<Element*>(problem.out),
        output_stride<typename Kernel::StrideD>(shape)}};
   auto& epilogue = args.epilogue.thread;
-  epilogue.alpha = 1.f;
   epilogue.beta = Residual ? 1.f : 0.f;
   epilogue.bias_ptr = in(problem.bias);  // null: a bias of zeros
-  epilogue.activation.enabled = problem.relu;
+  if constexpr (Preact) {
+    // The kernel's output is the pre-activation; y goes to the auxiliary store.
+    args.epilogue.ptr_D = static_cast<Element*>(problem.preact_out);
+    epilogue.scale_ptr = in(problem.preact_scale);
+    epilogue.shift_ptr = in(problem.preact_shift);
+    epilogue.y_ptr = static_cast<Element*>(problem.out);
+    epilogue.dY = output_stride<OutputStride>(shape);
+  } else {
+    epilogue.alpha = 1.f;
+    epilogue.activation.enabled = problem.relu;
+  }
   return args;
 }
 
-template <typename Element, int TileM, int TileN, bool Residual>
+template <typename Element, int TileM, int TileN, bool Residual, bool Preact = false>
 bool can_implement(const Conv2dProblem& problem) {
-  using K = HopperConv<Element, TileM, TileN, Residual>;
-  return K::Device::can_implement(arguments<Element, TileM, TileN, Residual>(problem)) == cutlass::Status::kSuccess;
+  using K = HopperConv<Element, TileM, TileN, Residual, Preact>;
+  return K::Device::can_implement(arguments<Element, TileM, TileN, Residual, Preact>(problem)) ==
+         cutlass::Status::kSuccess;
 }
 
-template <typename Element, int TileM, int TileN, bool Residual>
+template <typename Element, int TileM, int TileN, bool Residual, bool Preact>
 void run(const Conv2dProblem& problem, int config, cudaStream_t stream) {
-  using K = HopperConv<Element, TileM, TileN, Residual>;
+  using K = HopperConv<Element, TileM, TileN, Residual, Preact>;
   using Kernel = typename K::Kernel;
   const char* name = kConv2dConfigs[config].name;
-  const typename K::Device::Arguments args = arguments<Element, TileM, TileN, Residual>(problem);
+  const typename K::Device::Arguments args = arguments<Element, TileM, TileN, Residual, Preact>(problem);
   TORCH_CHECK(K::Device::can_implement(args) == cutlass::Status::kSuccess, "fused_resnet: CUTLASS conv kernel ", name,
               " cannot run the layer ", describe(problem));
 
@@ -198,10 +299,13 @@ decltype(auto) with_tile_shape(int config, Action&& action) {
 template <typename Element>
 void run_config(const Conv2dProblem& problem, int config, cudaStream_t stream) {
   with_tile_shape(config, [&]<int TileM, int TileN>() {
+    const bool preact = problem.preact_out != nullptr;
     if (problem.residual) {
-      run<Element, TileM, TileN, true>(problem, config, stream);
+      preact ? run<Element, TileM, TileN, true, true>(problem, config, stream)
+             : run<Element, TileM, TileN, true, false>(problem, config, stream);
     } else {
-      run<Element, TileM, TileN, false>(problem, config, stream);
+      preact ? run<Element, TileM, TileN, false, true>(problem, config, stream)
+             : run<Element, TileM, TileN, false, false>(problem, config, stream);
     }
   });
 }

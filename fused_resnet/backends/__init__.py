@@ -1,6 +1,6 @@
 """Backends: one module per way of computing the fused ops.
 
-Every backend module exposes the same five names, so the op layer can treat them alike:
+Every backend module exposes the same names, so the op layer can treat them alike:
 
     NAME: str
     unavailable_reason(device) -> str | None
@@ -19,6 +19,12 @@ Every backend module exposes the same five names, so the op layer can treat them
         its result, which the op keeps when it is channels_last and copies otherwise. A backend
         that sets WRITES_INTO_RESIDUAL = True may be given out=residual (when the caller allows it
         and x does not share its memory): it then writes the result over the residual.
+    preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None
+    conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+            -> tuple[Tensor, Tensor] | None
+        Writes y = conv2d(x, weight) + bias + residual into `out` and z = relu(y * scale + shift) into
+        `out_preact` (scale, shift: (Cout,)), both preallocated channels_last tensors, or returns its
+        own (y, z), which the op keeps when their strides are the outputs' and copies otherwise.
     add_relu_unsupported_reason(x, y) -> str | None
     add_relu(out, x, y) -> None
         Writes relu(x + y) into `out` (same shape and dtype as x and y, x's strides).
@@ -278,6 +284,35 @@ def select_conv(name, x, weight, bias, residual, stride, padding, dilation, grou
         return self_check.conv_checker(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
     return note_serving(_select_checked(name, layer, x.device, "convolution", reason_of, run, checker))
+
+
+_PREACT = "convolution with a pre-activation output"
+
+
+def select_preact(name, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, out=None) -> ModuleType:
+    def reason_of(b):
+        return b.preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
+
+    name, verify = _parse(name)
+    if out is None or not _checked(name, verify, x.device):
+        return note_serving(_select(name, x.device, _PREACT, reason_of))
+
+    layer = (
+        "conv2d_preact", x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(),
+        bias is not None, None if residual is None else residual.stride(),
+        tuple(stride), tuple(padding), tuple(dilation), groups,
+    )  # fmt: skip
+    args = (x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+
+    def run(b, poisoned):
+        y, z = _scratch(out, poisoned), _scratch(out, poisoned)
+        result = b.conv2d_preact(y, z, *args)
+        return self_check.both_outputs(*((y, z) if result is None else result))
+
+    def checker():
+        return self_check.preact_checker(*args)
+
+    return note_serving(_select_checked(name, layer, x.device, _PREACT, reason_of, run, checker))
 
 
 def select_add_relu(name, x, y) -> ModuleType:

@@ -5,6 +5,9 @@ The extension registers the operators torch.ops.fused_resnet_C.* (schemas in csr
     add_relu(x, y) / add_relu_out(x, y, out)                    relu(x + y); CPU and CUDA kernels
     conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, relu, config=-1)
     conv2d_bias_act_out(..., relu, config, out)                 CUTLASS implicit-GEMM conv, CUDA only
+    conv2d_preact_out(x, weight, bias, residual, scale, shift, stride, padding, dilation, config, out, out_preact)
+                                                                y into out, relu(y * scale + shift) into out_preact;
+                                                                the Hopper (sm_90a) kernels only
     conv2d_configs()                                            names of the conv kernels
     conv2d_kernel(dtype, x_size, weight_size, stride, padding, dilation, residual, capability,
                   sm_count, config=-1)                          which kernel serves a layer on a GPU, or why
@@ -34,7 +37,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fused_resnet import autotune, ops
-from fused_resnet.validation import check_add_relu, check_conv
+from fused_resnet.validation import check_add_relu, check_conv, check_preact
 
 NAME = "cuda"
 
@@ -194,6 +197,30 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     _launch(out, x, weight, bias, residual, stride, padding, dilation, relu, config)
 
 
+def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+    reason = conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
+    if reason is not None:
+        return reason
+    return preact_kernel_unsupported_reason(kernel_choice(x, weight, residual, stride, padding, dilation)[0])
+
+
+def preact_kernel_unsupported_reason(kernel: str) -> str | None:
+    """Why the kernel named `kernel` cannot write conv2d_preact's second output (None if it can).
+
+    CUTLASS 2.x's EpilogueWithBroadcast hands its functor one per-channel vector (the bias), so the scale
+    and shift cannot reach it: only the Hopper kernels' visitor tree (csrc/cuda/conv2d_cutlass_sm90.cuh) has it."""
+    if kernel.startswith("sm90_"):
+        return None
+    return f"the second, pre-activated output is built into the Hopper (sm_90a) kernels only, and {kernel} serves this layer"
+
+
+def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups) -> None:
+    """The heuristic's kernel (a Hopper one, which preact_unsupported_reason checked) writes both outputs."""
+    torch.ops.fused_resnet_C.conv2d_preact_out(
+        x, _krsc(weight), bias, residual, scale, shift, stride, padding, dilation, -1, out, out_preact
+    )
+
+
 def add_relu_unsupported_reason(x, y) -> str | None:
     return None
 
@@ -224,6 +251,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_resnet_C::conv2d_bias_act_out")
     def _(x, weight, bias, residual, stride, padding, dilation, relu, config, out):
         _check_out(out, _check_conv_kernel(x, weight, bias, residual, stride, padding, dilation), x)
+
+    @torch.library.register_fake("fused_resnet_C::conv2d_preact_out")
+    def _(x, weight, bias, residual, scale, shift, stride, padding, dilation, config, out, out_preact):
+        shape = _check_conv_kernel(x, weight, bias, residual, stride, padding, dilation)
+        check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, 1)
+        _check_out(out, shape, x)
+        _check_out(out_preact, shape, x)
 
 
 def _check_conv_kernel(x, weight, bias, residual, stride, padding, dilation) -> tuple[int, int, int, int]:

@@ -43,6 +43,14 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     return y
 
 
+def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+    return "cuDNN's fused convolutions have one output, not a second, pre-activated one"
+
+
+def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
+    raise NotImplementedError(preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups))
+
+
 def add_relu_unsupported_reason(x, y) -> str | None:
     return "cuDNN has no elementwise add + ReLU"
 

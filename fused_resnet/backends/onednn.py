@@ -21,6 +21,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .reference import add_relu  # noqa: F401  (oneDNN has no standalone add + ReLU; ATen's vectorised kernels serve it)
+from .reference import preact
 
 NAME = "onednn"
 ALLOCATES_OUTPUT = True  # oneDNN's operators return new tensors
@@ -125,6 +126,18 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     # Not oneDNN's ReLU post-op: it maps NaN to 0 where eager's relu keeps NaN, so a NaN or Inf in
     # the input would silently vanish. ATen's ReLU runs in place on the just-written output instead.
     return y.relu_() if relu else y
+
+
+def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+    return _dtype_unsupported_reason(x.dtype)
+
+
+def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
+    # A oneDNN convolution has one output, so z is computed from y once it is written: ATen's addcmul
+    # writes it in one pass and ReLU runs in place on it. (One pass would be a depthwise 1x1 oneDNN
+    # convolution with a ReLU post-op, but that post-op maps NaN to 0 where torch.relu keeps it.)
+    y = conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu=False)
+    return y, preact(y, scale, shift, out=out_preact)
 
 
 def add_relu_unsupported_reason(x, y) -> str | None:

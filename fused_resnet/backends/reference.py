@@ -25,6 +25,25 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     return y
 
 
+def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+    return None
+
+
+def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
+    y = conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu=False)
+    return y, preact(y, scale, shift, out=out_preact)
+
+
+def preact(y, scale, shift, out=None):
+    """relu(y * scale + shift), scale and shift per channel of the (N, C, H, W) tensor y, into `out` (default:
+    a new tensor of y's layout). Broadcast over an (N, H, W, C) view, the channels are the last dimension,
+    which vectorises best on the channels_last tensors of a fused network (a (C, 1, 1) broadcast of the
+    same sum measured 15% slower in fp32)."""
+    out = torch.empty_like(y) if out is None else out
+    torch.addcmul(shift, y.permute(0, 2, 3, 1), scale, out=out.permute(0, 2, 3, 1))
+    return out.relu_()
+
+
 def add_relu_unsupported_reason(x, y) -> str | None:
     return None
 

@@ -46,6 +46,16 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     conv.conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
 
+def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+    return conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
+
+
+def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups) -> None:
+    from . import conv
+
+    conv.conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+
+
 def add_relu_unsupported_reason(x, y) -> str | None:
     from . import add_relu_kernel
 

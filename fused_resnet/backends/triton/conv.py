@@ -10,7 +10,9 @@ A[m, k] is gathered from the NHWC input on the fly (zero where the tap falls int
 the weight arranged as (Cout, R, S, Cin / groups), so that both operands are K-major: channels are
 the contiguous dimension of the input, and K-major operands are what the tensor cores read for every
 dtype (tf32 included; fp32 runs as three TF32 products, see launch). The fp32 accumulator gets the epilogue in registers (+ bias, + residual, ReLU)
-and is cast and stored once: no intermediate tensor between the convolution and the epilogue.
+and is cast and stored once: no intermediate tensor between the convolution and the epilogue. With
+PREACT the epilogue also stores a second output, relu(y * scale + shift) per output channel: the next
+block's BatchNorm + ReLU of a pre-activation ResNet, written from the same registers.
 
 Groups are the second grid axis; the tiles of a program lie inside one group, so a grouped conv
 (ResNeXt) costs no tile that mixes groups, and a group's K loop runs only over its own channels.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import triton
@@ -55,6 +58,9 @@ def _conv_kernel(
     bias_ptr,
     res_ptr,
     out_ptr,
+    scale_ptr,  # PREACT: (Cout,) dense
+    shift_ptr,  # PREACT: (Cout,) dense
+    preact_ptr,  # PREACT: the second output, with out's strides
     M,
     H,
     W,
@@ -86,6 +92,7 @@ def _conv_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr,
+    PREACT: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -168,8 +175,17 @@ def _conv_kernel(
         acc += tl.load(res_rows[:, None] + co64[None, :] * stride_rc, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
-    out_rows = out_ptr + img64 * stride_on + oh.to(tl.int64) * stride_oh + ow.to(tl.int64) * stride_ow
-    tl.store(out_rows[:, None] + co64[None, :] * stride_oc, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    out_offsets = (img64 * stride_on + oh.to(tl.int64) * stride_oh + ow.to(tl.int64) * stride_ow)[:, None] + (
+        co64 * stride_oc
+    )[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if PREACT:
+        # From the fp32 value of y, before its rounding to the output type.
+        scale = tl.load(scale_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
+        z = acc * scale[None, :] + shift[None, :]
+        z = tl.where(z < 0.0, 0.0, z)
+        tl.store(preact_ptr + out_offsets, z.to(preact_ptr.dtype.element_ty), mask=mask)
 
 
 def _pow2_at_least(n: int, least: int = 16) -> int:
@@ -416,9 +432,26 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     launch(out, x, gemm_weight(weight), bias, residual, stride, padding, dilation, groups, relu)
 
 
-def kernel_arguments(out, x, w, bias, residual, stride, padding, dilation, groups, relu, precision):
+def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups) -> None:
+    x = x.contiguous(memory_format=torch.channels_last)
+    preact = Preact(scale.contiguous(), shift.contiguous(), out_preact)
+    launch(out, x, gemm_weight(weight), bias, residual, stride, padding, dilation, groups, False, preact=preact)
+
+
+class Preact(NamedTuple):
+    """The epilogue's second output: out = relu(y * scale + shift), `out` with the strides of y's."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    out: torch.Tensor
+
+
+def kernel_arguments(out, x, w, bias, residual, stride, padding, dilation, groups, relu, precision, preact=None):
     """The kernel's positional arguments and its constexpr keyword arguments (all but the tile
-    meta-parameters) for one layer: what a launch passes, and what the static checks compile with."""
+    meta-parameters) for one layer: what a launch passes, and what the static checks compile with.
+    `preact`: a Preact for the second output, or None."""
+    if preact is not None and preact.out.stride() != out.stride():
+        raise ValueError(f"the pre-activation output has strides {preact.out.stride()}, y {out.stride()}: they must match")
     n, c, h, wid = x.shape
     cout, r, s, cin_g = w.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -428,6 +461,7 @@ def kernel_arguments(out, x, w, bias, residual, stride, padding, dilation, group
         x if bias is None else bias,
         x if residual is None else residual,
         out,
+        *((x, x, x) if preact is None else preact),
         n * oh * ow,
         h,
         wid,
@@ -457,6 +491,7 @@ def kernel_arguments(out, x, w, bias, residual, stride, padding, dilation, group
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         RELU=relu,
+        PREACT=preact is not None,
         UPCAST=_interpreting() and x.dtype == torch.bfloat16,
         INPUT_PRECISION=precision,
         GROUP_M=8,
@@ -476,14 +511,15 @@ def input_precision(x: torch.Tensor) -> str:
     return "tf32x3" if use_tf32(x) else "ieee"
 
 
-def launch(out, x, w, bias, residual, stride, padding, dilation, groups, relu, *, traceable=False) -> None:
-    """Runs the kernel: `x` channels_last, `w` the weight as gemm_weight arranges it, `out` channels_last.
+def launch(out, x, w, bias, residual, stride, padding, dilation, groups, relu, *, preact=None, traceable=False) -> None:
+    """Runs the kernel: `x` channels_last, `w` the weight as gemm_weight arranges it, `out` channels_last;
+    `preact` (a Preact) adds the second output.
 
     traceable: launch through torch.library.wrap_triton, so that torch.compile, torch.export and
     AOTInductor record the kernel itself in their graph (see library.py); a plain launch otherwise.
     """
     args, constexprs = kernel_arguments(out, x, w, bias, residual, stride, padding, dilation, groups, relu,
-                                        input_precision(x))
+                                        input_precision(x), preact)
     named = named_arguments(args, constexprs)
     m, cout_g = named["M"], named["COUT_G"]
 

@@ -1,6 +1,7 @@
 """The Triton kernels as torch.library ops that carry their kernels into compiled graphs.
 
     fused_resnet_triton::conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    fused_resnet_triton::conv2d_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
     fused_resnet_triton::add_relu(x, y)
 
 The ops of fused_resnet.ops pick a backend in Python on every call, so a graph that holds them can
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ... import backends, ops
-from ...validation import check_conv
+from ...validation import check_conv, check_preact
 from .. import reference
 from . import NAME, add_relu_kernel, conv
 
@@ -64,6 +65,36 @@ def conv2d_bias_act(
     return out
 
 
+@torch.library.triton_op("fused_resnet_triton::conv2d_preact", mutates_args=())
+def conv2d_preact(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    scale: Tensor,
+    shift: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> tuple[Tensor, Tensor]:
+    shape = check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+    reason = conv.unsupported_reason(x, weight, stride, padding, dilation, groups)
+    if reason is not None:
+        backends.fall_back(NAME, "convolution with a pre-activation output", reason)
+        backends.note_serving(reference)
+        y, z = reference.conv2d_preact(None, None, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+        return y.contiguous(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
+    backends.note_serving(backends.get(NAME))
+    y, z = (_poisoned(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)) for _ in "yz")
+    if y.numel():
+        w = weight.permute(0, 2, 3, 1).contiguous()  # as in conv2d_bias_act above
+        x = x.contiguous(memory_format=torch.channels_last)
+        preact = conv.Preact(scale.contiguous(), shift.contiguous(), z)
+        conv.launch(y, x, w, bias, residual, stride, padding, dilation, groups, False, preact=preact, traceable=True)
+    return y, z
+
+
 @torch.library.triton_op("fused_resnet_triton::add_relu", mutates_args=())
 def add_relu(x: Tensor, y: Tensor) -> Tensor:
     out = _poisoned(torch.empty_like(x))
@@ -85,6 +116,12 @@ def add_relu(x: Tensor, y: Tensor) -> Tensor:
 def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
     shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@conv2d_preact.register_fake
+def _(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
+    shape = check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+    return tuple(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last) for _ in "yz")
 
 
 @add_relu.register_fake
