@@ -40,7 +40,12 @@ def interleaved_ms(
     """Milliseconds per call of each function, timed round-robin: each of `reps` rounds takes one
     sample of every function in turn, so a busy spell of a shared machine falls on all of them alike
     instead of on whichever happened to run then. A sample averages as many back-to-back calls as
-    fill `min_sample_ms` (judged from the last warm-up call), so short calls are not timer noise."""
+    fill `min_sample_ms` (judged from the last warm-up call), so short calls are not timer noise.
+
+    Before each sample, one untimed call of the same function lets it settle into its own steady
+    state, as it runs when used alone: on the CPU the allocator hands memory freed by the function
+    before back to the OS, and the first call after it pays page faults for that churn (5-7% of a
+    ResNet-18 at batch 8, falling on whichever function came next)."""
     calls = {}
     for name, fn in fns.items():
         warm = time_ms(fn, device, iters=1, warmup=warmup - 1)[0] if warmup else 1.0
@@ -49,6 +54,7 @@ def interleaved_ms(
     for _ in range(reps):
         for name, fn in fns.items():
             n = calls[name]
+            fn()
             times[name].append(sum(time_ms(fn, device, iters=n, warmup=0)) / n)
     return times
 
