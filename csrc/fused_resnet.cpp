@@ -148,7 +148,7 @@ TORCH_LIBRARY(fused_resnet_C, m) {
       "conv2d_bias_act_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
       "int[2] padding, int[2] dilation, bool relu, int config, Tensor(a!) out) -> ()");
   // y = conv2d(x, weight) + bias + residual into out, and relu(y * scale + shift) per output channel
-  // into out_preact (a pre-activation ResNet's next BatchNorm + ReLU); the Hopper kernels only.
+  // into out_preact (a pre-activation ResNet's next BatchNorm + ReLU).
   m.def(
       "conv2d_preact_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor scale, Tensor shift, "
       "int[2] stride, int[2] padding, int[2] dilation, int config, Tensor(a!) out, Tensor(b!) out_preact) -> ()");

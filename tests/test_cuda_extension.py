@@ -2,8 +2,8 @@
 
 Without a GPU (CI): the extension imports, every fused_resnet_C op has its schema and kernels, the
 CPU add_relu is exact, opcheck passes on it, the fake impls give the right metadata for CUDA
-tensors, and the sm_90 machine code uses tensor cores. With a GPU (`-m gpu`): the CUTLASS convs
-and the CUDA add_relu against float64 references, with the parity rule of DESIGN.md.
+tensors, and the sm_80 and sm_90 machine code uses tensor cores. With a GPU (`-m gpu`): the
+CUTLASS convs and the CUDA add_relu against float64 references, with the parity rule of DESIGN.md.
 """
 
 import os
@@ -351,6 +351,17 @@ def _cuobjdump():
     return next((path for path in candidates if path and os.access(path, os.X_OK)), None)
 
 
+def _sass_functions(arch):
+    """{mangled name: disassembly} of the extension's kernels for `arch` (skips without cuobjdump)."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit bin/ or the triton wheel)")
+    library = cuda_backend._C.__file__
+    sass = subprocess.run([tool, "-sass", "-arch", arch, library], capture_output=True, text=True, check=True).stdout
+    # Each kernel's disassembly starts with "Function : <mangled name>"; split the listing there.
+    return dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S))
+
+
 @NEEDS_CONV
 def test_sm90_machine_code_uses_tensor_cores():
     library = cuda_backend._C.__file__
@@ -361,18 +372,17 @@ def test_sm90_machine_code_uses_tensor_cores():
     arch = "sm_90a" if "sm_90a" in listing else "sm_90"
     if arch not in listing:
         pytest.skip(f"{os.path.basename(library)} has no sm_90 code (TORCH_CUDA_ARCH_LIST at build time)")
-    sass = subprocess.run([tool, "-sass", "-arch", arch, library], capture_output=True, text=True, check=True).stdout
-    # Each kernel's disassembly starts with "Function : <mangled name>"; split the listing there.
-    functions = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S))
+    functions = _sass_functions(arch)
     hopper = [name for name in cuda_backend.CONV_CONFIGS if name.startswith("sm90")]
     sm80_style = len(cuda_backend.CONV_CONFIGS) - len(hopper)
-    # One kernel per config and element type (fp16, bf16), all on tensor cores. CUTLASS 2.x kernels:
-    # sm_80-style mma.sync m16n8k16 with fp32 accumulation, HMMA.16816.F32 (.BF16 for bfloat16).
+    # Per config and element type (fp16, bf16), with and without the pre-activation output, all on tensor
+    # cores. CUTLASS 2.x kernels: sm_80-style mma.sync m16n8k16 with fp32 accumulation, HMMA.16816.F32
+    # (.BF16 for bfloat16).
     convs = {name: body for name, body in functions.items() if "ImplicitGemmConvolution" in name}
-    assert len(convs) == 2 * sm80_style, sorted(convs)
+    assert len(convs) == 4 * sm80_style, sorted(convs)
     for name, body in convs.items():
         assert re.search(r"HMMA\.16816\.F32", body), f"no HMMA in {name[:120]}..."
-    assert sum(bool(re.search(r"HMMA\.16816\.F32\.BF16", body)) for body in convs.values()) == sm80_style
+    assert sum(bool(re.search(r"HMMA\.16816\.F32\.BF16", body)) for body in convs.values()) == 2 * sm80_style
     # Hopper kernels (built with 9.0a), per config, element type, with / without a residual and with /
     # without the pre-activation output: wgmma (HGMMA) fed by TMA loads in im2col mode.
     assert bool(hopper) == (arch == "sm_90a"), (arch, hopper)
@@ -389,15 +399,31 @@ def test_sm90_machine_code_uses_tensor_cores():
         assert re.search(r"UTMASTG", body) and re.search(r"\bSTG\.E", body), f"not both stores in {name[:120]}..."
 
 
+@NEEDS_CONV
+def test_sm80_preact_kernels_store_both_outputs():
+    """The CUTLASS 2.x kernels with the pre-activation output (PreactChannel: bias, scale and shift per
+    channel in one broadcast element) exist for every config and element type, multiply on tensor cores,
+    and store 16-byte vectors of both outputs: twice the STG.E.128 of the same kernel without it."""
+    functions = _sass_functions("sm_80")
+    convs = {name: body for name, body in functions.items() if "ImplicitGemmConvolution" in name}
+
+    def key(name):  # threadblock tile (M, N, K) and element type
+        return re.search(r"GemmShapeILi(\d+)ELi(\d+)ELi(\d+)E", name).groups(), "bfloat16" in name
+
+    plain = {key(name): body for name, body in convs.items() if "PreactChannel" not in name}
+    preact = {key(name): body for name, body in convs.items() if "PreactChannel" in name}
+    sm80_style = len([name for name in cuda_backend.CONV_CONFIGS if not name.startswith("sm90")])
+    assert len(plain) == len(preact) == 2 * sm80_style and preact.keys() == plain.keys(), sorted(convs)
+    for kernel, body in preact.items():
+        assert re.search(r"HMMA\.16816\.F32", body), kernel
+        stores = len(re.findall(r"STG\.E\.128", body))
+        assert stores > 0 and stores == 2 * len(re.findall(r"STG\.E\.128", plain[kernel])), (kernel, stores)
+
+
 def test_add_relu_kernel_does_not_read_through_the_read_only_cache():
     """out may alias x or y (add_relu_out(x, y, x)): the kernel must not load them as read-only data
     (LDG ... .CONSTANT, what __restrict__ const pointers allow), which a concurrent write makes stale."""
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit bin/ or the triton wheel)")
-    library = cuda_backend._C.__file__
-    sass = subprocess.run([tool, "-sass", "-arch", "sm_80", library], capture_output=True, text=True, check=True).stdout
-    functions = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S))
+    functions = _sass_functions("sm_80")
     kernels = {name: body for name, body in functions.items() if "add_relu_kernel" in name}
     assert len(kernels) >= 8, sorted(functions)[:10]  # 4 dtypes x (vectorised, scalar)
     for name, body in kernels.items():

@@ -178,10 +178,6 @@ void run_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::option
   const Conv2dKernelChoice choice = choose_conv2d_kernel(layer, gpu, config);
   TORCH_CHECK(choice.reason.empty(), op, "on ", x.device(), ": ", choice.reason);
   const Conv2dConfig& kernel = kConv2dConfigs[choice.config];
-  // CUTLASS 2.x's epilogue hands its functor a single per-channel vector (the bias): only the Hopper
-  // kernels' visitor tree takes the scale and shift of a second output.
-  TORCH_CHECK(!preact || kernel.algorithm == Conv2dAlgorithm::kHopperTma, op, "kernel ", kernel.name,
-              " has no pre-activation output: only the Hopper (sm_90a) kernels do");
 
   const at::Tensor x_nhwc = dense_nhwc(x, choice.channels);
   const at::Tensor weight_krsc = dense_nhwc(weight, choice.channels);
@@ -198,15 +194,28 @@ void run_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::option
   problem.residual = residual ? residual_nhwc.const_data_ptr() : nullptr;
   problem.out = target.mutable_data_ptr();
   problem.relu = relu;
-  at::Tensor scale_dense, shift_dense, preact_nhwc, preact_target;
+  at::Tensor scale_dense, shift_dense, channels, preact_nhwc, preact_target;
   if (preact) {
-    scale_dense = dense_aligned(preact->scale);
-    shift_dense = dense_aligned(preact->shift);
+    if (kernel.algorithm == Conv2dAlgorithm::kHopperTma) {
+      scale_dense = dense_aligned(preact->scale);
+      shift_dense = dense_aligned(preact->shift);
+      problem.preact_scale = scale_dense.const_data_ptr();
+      problem.preact_shift = shift_dense.const_data_ptr();
+    } else {
+      // The CUTLASS 2.x epilogue takes one per-channel vector: bias, scale and shift side by side,
+      // packed on every call (K x 16 bytes; a cache would have to follow in-place updates of its sources).
+      channels = at::zeros({k, 4}, x.options().dtype(at::kFloat));
+      if (bias) {
+        channels.select(1, 0).copy_(*bias);
+      }
+      channels.select(1, 1).copy_(preact->scale);
+      channels.select(1, 2).copy_(preact->shift);
+      TORCH_INTERNAL_ASSERT(reinterpret_cast<std::uintptr_t>(channels.const_data_ptr()) % 128 == 0);
+      problem.preact_channels = channels.const_data_ptr();
+    }
     preact_nhwc = preact->out.permute({0, 2, 3, 1});
     preact_target = preact_nhwc.is_contiguous() && aligned16(preact_nhwc) ? preact_nhwc
                                                                          : at::empty(preact_nhwc.sizes(), preact_nhwc.options());
-    problem.preact_scale = scale_dense.const_data_ptr();
-    problem.preact_shift = shift_dense.const_data_ptr();
     problem.preact_out = preact_target.mutable_data_ptr();
   }
 

@@ -5,12 +5,15 @@
 // sm_90 executes as well. The epilogue is CUTLASS's "with broadcast" epilogue (a per-column
 // vector, here the bias) driven by our own functor BiasResidualActivation, whose residual and
 // ReLU switches are runtime parameters: one kernel per tile shape serves every epilogue variant.
+// A second kernel per tile shape also writes the pre-activation output (Conv2dProblem::preact_out)
+// through the epilogue's second output iterator.
 //
 // Included by conv2d_cutlass_fp16.cu and conv2d_cutlass_bf16.cu only: it is slow to compile.
 
 #pragma once
 
 #include <cstddef>
+#include <type_traits>
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAMacros.h>
@@ -30,17 +33,34 @@
 
 namespace fused_resnet {
 
-// z = act(accumulator + bias [+ residual]), computed in fp32 and rounded once to the output type.
+// What the pre-activation epilogue reads per output channel. EpilogueWithBroadcast hands its functor
+// one broadcast vector and no column index, so the three per-channel values travel together as one
+// 16-byte element of that vector (fp32, packed by the launcher; `unused` pads to 16 bytes).
+struct PreactChannel {
+  float bias, scale, shift, unused;
+
+  PreactChannel() = default;
+  // The epilogue clears its vector fragments with T(0) (Array::clear), e.g. past the last channel.
+  CUTLASS_HOST_DEVICE
+  explicit PreactChannel(float value) : bias(value), scale(value), shift(value), unused(value) {}
+};
+static_assert(sizeof(PreactChannel) == 16, "one PreactChannel per 16-byte load");
+
+// y = act(accumulator + bias [+ residual]), computed in fp32 and rounded once to the output type.
 // Follows the functor concept of cutlass::epilogue::threadblock::EpilogueWithBroadcast
 // (EpilogueWithBroadcastOpBase): the "source" C is the residual, the broadcast vector is the bias
-// (all zeros when the bias pointer is null), Z is the output, and T is not stored.
-template <typename Element, int Count>
+// (all zeros when the bias pointer is null), Z is the output y.
+//
+// With Preact the broadcast vector holds PreactChannel elements instead, and T, stored through the
+// epilogue's second ("tensor") iterator, is the pre-activation relu(y * scale + shift), computed
+// from the same fp32 y that is rounded into Z. Without it T is not stored.
+template <typename Element, int Count, bool Preact = false>
 class BiasResidualActivation {
  public:
   static bool const kIsSingleSource = true;
   static bool const kIsHeavy = false;
   static bool const kStoreZ = true;
-  static bool const kStoreT = false;
+  static bool const kStoreT = Preact;
   static int const kCount = Count;
   static int const kElementsPerAccess = Count;
 
@@ -48,12 +68,13 @@ class BiasResidualActivation {
   using ElementC = Element;
   using ElementZ = Element;
   using ElementT = Element;
-  using ElementVector = Element;
+  using ElementVector = std::conditional_t<Preact, PreactChannel, Element>;
   using ElementAccumulator = float;
-  using ElementCompute = float;
+  // The type the epilogue converts the broadcast vector to; PreactChannel to itself is a copy.
+  using ElementCompute = std::conditional_t<Preact, PreactChannel, float>;
 
   using FragmentAccumulator = cutlass::Array<float, Count>;
-  using FragmentCompute = cutlass::Array<float, Count>;
+  using FragmentCompute = cutlass::Array<ElementCompute, Count>;
   using FragmentC = cutlass::Array<Element, Count>;
   using FragmentOutput = FragmentC;
   using FragmentZ = FragmentC;
@@ -76,41 +97,57 @@ class BiasResidualActivation {
   void set_k_partition(int, int) {}
 
   CUTLASS_HOST_DEVICE
-  void operator()(FragmentZ& z, FragmentT&, FragmentAccumulator const& accumulator, FragmentC const& residual,
-                  FragmentCompute const& bias) const {
+  void operator()(FragmentZ& z, FragmentT& t, FragmentAccumulator const& accumulator, FragmentC const& residual,
+                  FragmentCompute const& channel) const {
     cutlass::NumericArrayConverter<float, Element, Count> to_float;
-    FragmentCompute residual_f = to_float(residual);
-    FragmentCompute value;
+    FragmentAccumulator residual_f = to_float(residual);
+    FragmentAccumulator value;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < Count; ++i) {
-      value[i] = accumulator[i] + bias[i] + residual_f[i];
+      value[i] = accumulator[i] + bias(channel[i]) + residual_f[i];
     }
-    z = finish(value);
+    finish(z, t, value, channel);
   }
 
   CUTLASS_HOST_DEVICE
-  void operator()(FragmentZ& z, FragmentT&, FragmentAccumulator const& accumulator,
-                  FragmentCompute const& bias) const {
-    FragmentCompute value;
+  void operator()(FragmentZ& z, FragmentT& t, FragmentAccumulator const& accumulator,
+                  FragmentCompute const& channel) const {
+    FragmentAccumulator value;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < Count; ++i) {
-      value[i] = accumulator[i] + bias[i];
+      value[i] = accumulator[i] + bias(channel[i]);
     }
-    z = finish(value);
+    finish(z, t, value, channel);
   }
 
  private:
   CUTLASS_HOST_DEVICE
-  FragmentZ finish(FragmentCompute value) const {
+  static float bias(float value) { return value; }
+  CUTLASS_HOST_DEVICE
+  static float bias(PreactChannel const& channel) { return channel.bias; }
+
+  // Written so that NaN stays NaN, as torch.relu does (fmaxf would turn it into 0).
+  CUTLASS_HOST_DEVICE
+  static float relu(float value) { return value < 0.f ? 0.f : value; }
+
+  CUTLASS_HOST_DEVICE
+  void finish(FragmentZ& z, FragmentT& t, FragmentAccumulator value, FragmentCompute const& channel) const {
     if (params_.relu) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < Count; ++i) {
-        // Written so that NaN stays NaN, as torch.relu does (fmaxf would turn it into 0).
-        value[i] = value[i] < 0.f ? 0.f : value[i];
+        value[i] = relu(value[i]);
       }
     }
     cutlass::NumericArrayConverter<Element, float, Count, cutlass::FloatRoundStyle::round_to_nearest> to_output;
-    return to_output(value);
+    z = to_output(value);
+    if constexpr (Preact) {
+      FragmentAccumulator preact;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < Count; ++i) {
+        preact[i] = relu(value[i] * channel[i].scale + channel[i].shift);
+      }
+      t = to_output(preact);
+    }
   }
 
   Params params_;
@@ -149,7 +186,7 @@ static_assert(shape_matches_table<0>() && shape_matches_table<1>() && shape_matc
                   shape_matches_table<3>(),
               "ConfigShape<> disagrees with kConv2dConfigs");
 
-template <typename Element, typename Shape>
+template <typename Element, typename Shape, bool Preact = false>
 struct ConvKernel {
   static constexpr int kAlignment =
       Shape::kAlgorithm == Conv2dAlgorithm::kOptimized ? kOptimizedAlignment : kFewChannelsAlignment;
@@ -157,7 +194,7 @@ struct ConvKernel {
       Shape::kAlgorithm == Conv2dAlgorithm::kOptimized ? cutlass::conv::IteratorAlgorithm::kOptimized
                                                         : cutlass::conv::IteratorAlgorithm::kFewChannels;
   // The output side (bias, residual, out) always moves 8 elements = 16 bytes at a time.
-  using Epilogue = BiasResidualActivation<Element, kOptimizedAlignment>;
+  using Epilogue = BiasResidualActivation<Element, kOptimizedAlignment, Preact>;
 
   using Kernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
       Element, cutlass::layout::TensorNHWC,  // x
@@ -179,9 +216,10 @@ inline void check_cutlass(cutlass::Status status, char const* what, int config, 
 }
 
 // The CUTLASS arguments for the problem (null pointers are fine for can_implement).
-template <typename Element, int Config>
-typename ConvKernel<Element, ConfigShape<Config>>::Device::Arguments conv2d_arguments(const Conv2dProblem& problem) {
-  using K = ConvKernel<Element, ConfigShape<Config>>;
+template <typename Element, int Config, bool Preact = false>
+typename ConvKernel<Element, ConfigShape<Config>, Preact>::Device::Arguments conv2d_arguments(
+    const Conv2dProblem& problem) {
+  using K = ConvKernel<Element, ConfigShape<Config>, Preact>;
   using Layout = cutlass::layout::TensorNHWC;
   using Ref = cutlass::TensorRef<Element, Layout>;
   auto ptr = [](const void* p) { return static_cast<Element*>(const_cast<void*>(p)); };
@@ -199,9 +237,10 @@ typename ConvKernel<Element, ConfigShape<Config>>::Device::Arguments conv2d_argu
       size, Ref(ptr(problem.x), Layout::packed({problem.n, problem.h, problem.w, problem.c})),
       Ref(ptr(problem.weight), Layout::packed({problem.k, problem.r, problem.s, problem.c})), residual, out,
       {problem.residual != nullptr, problem.relu}, cutlass::conv::SplitKMode::kSerial,
-      /*ptr_Vector=*/const_cast<void*>(problem.bias), /*ptr_Tensor=*/nullptr,
-      /*ldr=*/0,  // the bias row is the same for every output pixel
-      /*ldt=*/0);
+      /*ptr_Vector=*/const_cast<void*>(Preact ? problem.preact_channels : problem.bias),
+      /*ptr_Tensor=*/Preact ? problem.preact_out : nullptr,
+      /*ldr=*/0,  // the vector is the same for every output pixel
+      /*ldt=*/Preact ? problem.k : 0);
 }
 
 template <typename Element, int Config>
@@ -210,10 +249,10 @@ bool can_implement_conv2d(const Conv2dProblem& problem) {
   return K::Device::can_implement(conv2d_arguments<Element, Config>(problem)) == cutlass::Status::kSuccess;
 }
 
-template <typename Element, int Config>
+template <typename Element, int Config, bool Preact>
 void run_conv2d(const Conv2dProblem& problem, cudaStream_t stream) {
-  using K = ConvKernel<Element, ConfigShape<Config>>;
-  const typename K::Device::Arguments args = conv2d_arguments<Element, Config>(problem);
+  using K = ConvKernel<Element, ConfigShape<Config>, Preact>;
+  const typename K::Device::Arguments args = conv2d_arguments<Element, Config, Preact>(problem);
   check_cutlass(K::Device::can_implement(args), "cannot run", Config, problem);
   // Serial reduction with split_k_slices = 1: the kernel needs no workspace.
   TORCH_INTERNAL_ASSERT(K::Device::get_workspace_size(args) == 0);
@@ -232,6 +271,12 @@ void run_conv2d(const Conv2dProblem& problem, cudaStream_t stream) {
                                                   smem_bytes);
   cutlass::Kernel<typename K::Kernel><<<grid, block, smem_bytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Element, int Config>
+void run_conv2d(const Conv2dProblem& problem, cudaStream_t stream) {
+  problem.preact_out ? run_conv2d<Element, Config, true>(problem, stream)
+                     : run_conv2d<Element, Config, false>(problem, stream);
 }
 
 template <typename Element>

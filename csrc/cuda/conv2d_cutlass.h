@@ -84,10 +84,14 @@ struct Conv2dProblem {
   void* out;
   bool relu;
   // The second, pre-activated output preact_out = relu(y * preact_scale[k] + preact_shift[k]) of y = out
-  // (then computed without ReLU): Hopper kernels only. Null pointers: no second output.
-  const void* preact_scale = nullptr;  // K values
-  const void* preact_shift = nullptr;  // K values
-  void* preact_out = nullptr;          // N x P x Q x K
+  // (then computed without ReLU). Null pointers: no second output. The Hopper kernels read scale and
+  // shift; the CUTLASS 2.x kernels read preact_channels instead (and not bias), K fp32 quadruples
+  // {bias[k] (0 without bias), scale[k], shift[k], unused}, 128-byte aligned (the epilogue loads the
+  // quadruples of 8 channels as one aligned array).
+  const void* preact_scale = nullptr;     // K values
+  const void* preact_shift = nullptr;     // K values
+  const void* preact_channels = nullptr;  // K x 4 floats
+  void* preact_out = nullptr;             // N x P x Q x K
 };
 
 // "N=.. C=.. HxW=.. -> K=.. RxS=.. stride .. padding .. dilation .." for error messages.
