@@ -93,8 +93,8 @@ def _add_relu_cuda(x, y, backend):
 
 
 def _conv2d_preact_cuda(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, backend):
-    # Only the Hopper kernels have the second output, and which kernel serves a layer is decided when the
-    # program runs: y from the C++ conv where it serves, z from aten ops.
+    # The lowering does not use the kernels' second output (conv2d_preact_out) yet: y from the C++ conv
+    # where it serves, z from aten ops.
     y = _conv2d_bias_act_cuda(x, weight, bias, residual, stride, padding, dilation, groups, False, backend)
     return y, _preact_aten(y, scale, shift)
 

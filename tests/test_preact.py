@@ -7,6 +7,7 @@ interpreter), and the graph pass that uses it for pre-activation ResNets (timm r
 """
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -292,34 +293,40 @@ def test_a_backend_without_the_second_output_falls_back_with_the_reason(fallback
     torch.testing.assert_close((y, z), exact)
 
 
-def test_cuda_backend_serves_the_second_output_on_hopper_kernels_only():
+def test_cuda_backend_serves_the_second_output_on_every_kernel():
     """The extension's kernel rule, from sizes alone: a resnetv2 1x1 conv with a residual gets a Hopper
-    kernel on compute capability 9.0 (which writes both outputs) and a CUTLASS 2.x one on 8.0 (which
-    cannot: the backend says so, and the op falls back)."""
+    kernel on compute capability 9.0 and a CUTLASS 2.x one on 8.0; both write the second output."""
     cuda = backends.get("cuda")
     if cuda._C is None or not cuda.CONV_CONFIGS:
         pytest.skip(f"the CUDA extension is not built with its conv kernels: {cuda._LOAD_ERROR}")
     args = (torch.bfloat16, [8, 256, 56, 56], [64, 256, 1, 1], [1, 1], [0, 0], [1, 1], True)
-    hopper = torch.ops.fused_resnet_C.conv2d_kernel(*args, [9, 0], 132)[0]
     ampere = torch.ops.fused_resnet_C.conv2d_kernel(*args, [8, 0], 108)[0]
-    if not hopper.startswith("sm90_"):
-        pytest.skip("this build has no Hopper kernels (TORCH_CUDA_ARCH_LIST without 9.0a)")
-    assert cuda.preact_kernel_unsupported_reason(hopper) is None
-    assert "Hopper (sm_90a) kernels only" in cuda.preact_kernel_unsupported_reason(ampere)
+    assert not ampere.startswith("sm90_")
+    x, weight = torch.empty(args[1], dtype=args[0]), torch.empty(args[2], dtype=args[0])
+    for gpu in ((8, 0, 108), (9, 0, 132)):
+        with mock.patch.object(cuda, "_gpu", return_value=gpu):
+            assert cuda.preact_unsupported_reason(x, weight, None, x, *args[3:6], 1) is None
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("residual", [True, False])
-def test_gpu_kernels_write_both_outputs(backend, dtype, residual, monkeypatch, served_by):
-    """On a GPU: a resnetv2 1x1 conv (64 input channels, as the Hopper kernels need) on poisoned outputs."""
+@pytest.mark.parametrize(
+    "case",
+    [
+        (4, 64, 14, 14, 256, 1, 1, 0, 1),  # resnetv2 1x1: a Hopper kernel on compute capability 9.0
+        (4, 24, 14, 14, 40, 3, 1, 1, 1),  # 24 channels: a CUTLASS 2.x kernel on any GPU; 40 crosses a tile
+        (2, 3, 17, 17, 16, 3, 2, 1, 1),  # the few-channels kernel
+    ],
+    ids=str,
+)
+def test_gpu_kernels_write_both_outputs(backend, dtype, residual, case, monkeypatch, served_by):
+    """On a GPU, on poisoned outputs: layers for each kind of C++ kernel."""
     if backend == "cuda":
         reason = backends.get("cuda").unavailable_reason(torch.device("cuda"))
-        if reason is None and torch.cuda.get_device_capability() != (9, 0):
-            reason = "the C++ kernels' second output is in the Hopper kernels only"
         if reason is not None:
             pytest.skip(reason)
     monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
-    args = _make((4, 64, 14, 14, 256, 1, 1, 0, 1), dtype, "channels_last", residual=residual)
+    args = _make(case, dtype, "channels_last", residual=residual)
     _check(backend, tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in args), served_by)

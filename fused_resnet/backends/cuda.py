@@ -6,8 +6,7 @@ The extension registers the operators torch.ops.fused_resnet_C.* (schemas in csr
     conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, relu, config=-1)
     conv2d_bias_act_out(..., relu, config, out)                 CUTLASS implicit-GEMM conv, CUDA only
     conv2d_preact_out(x, weight, bias, residual, scale, shift, stride, padding, dilation, config, out, out_preact)
-                                                                y into out, relu(y * scale + shift) into out_preact;
-                                                                the Hopper (sm_90a) kernels only
+                                                                y into out, relu(y * scale + shift) into out_preact
     conv2d_configs()                                            names of the conv kernels
     conv2d_kernel(dtype, x_size, weight_size, stride, padding, dilation, residual, capability,
                   sm_count, config=-1)                          which kernel serves a layer on a GPU, or why
@@ -198,24 +197,13 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
 
 
 def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
-    reason = conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
-    if reason is not None:
-        return reason
-    return preact_kernel_unsupported_reason(kernel_choice(x, weight, residual, stride, padding, dilation)[0])
-
-
-def preact_kernel_unsupported_reason(kernel: str) -> str | None:
-    """Why the kernel named `kernel` cannot write conv2d_preact's second output (None if it can).
-
-    CUTLASS 2.x's EpilogueWithBroadcast hands its functor one per-channel vector (the bias), so the scale
-    and shift cannot reach it: only the Hopper kernels' visitor tree (csrc/cuda/conv2d_cutlass_sm90.cuh) has it."""
-    if kernel.startswith("sm90_"):
-        return None
-    return f"the second, pre-activated output is built into the Hopper (sm_90a) kernels only, and {kernel} serves this layer"
+    """Every conv kernel writes the second output (the CUTLASS 2.x ones through their broadcast epilogue's
+    second output iterator, the Hopper ones through their visitor tree): the layer rule is the conv's."""
+    return conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
 
 
 def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups) -> None:
-    """The heuristic's kernel (a Hopper one, which preact_unsupported_reason checked) writes both outputs."""
+    """The heuristic's kernel writes both outputs."""
     torch.ops.fused_resnet_C.conv2d_preact_out(
         x, _krsc(weight), bias, residual, scale, shift, stride, padding, dilation, -1, out, out_preact
     )
