@@ -111,16 +111,10 @@ def _run_conv2d_bias_act(
         and not _shares_memory(residual, x)
     ):
         out = residual  # a new output's pages would be faulted in afresh on each call; the residual's are warm
-    elif getattr(chosen, "ALLOCATES_OUTPUT", False):
-        out = None
     else:
-        out = _new_output(x, shape)
+        out = backends.preallocated(chosen, lambda: _new_output(x, shape))
     result = chosen.conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    if result is None:
-        return out
-    if result.stride() == _channels_last_strides(shape):
-        return result
-    return _new_output(x, shape).copy_(result)
+    return _as_output(result, out, x, shape)
 
 
 def _compute_conv2d_bias_act(
@@ -144,14 +138,14 @@ def _effective_dilation(weight: Tensor, dilation: Sequence[int]) -> list[int]:
     return [1 if k == 1 else d for k, d in zip(weight.shape[2:], dilation)]
 
 
-def _as_output(result: Tensor | None, out: Tensor) -> Tensor:
-    """What a backend computed, as the op's output: `out` when the backend wrote it, the backend's own
-    tensor when it has out's strides, else out with the result copied in."""
+def _as_output(result: Tensor | None, out: Tensor | None, x: Tensor, shape) -> Tensor:
+    """What a backend computed, as the op's channels_last output of `shape`: `out` when the backend
+    wrote it, the backend's own tensor when it is channels_last, else a channels_last copy of it."""
     if result is None or result is out:
         return out
-    if result.stride() == out.stride():
+    if result.stride() == _channels_last_strides(shape):
         return result
-    return out.copy_(result)
+    return (_new_output(x, shape) if out is None else out).copy_(result)
 
 
 _conv2d_bias_act = torch.library.custom_op("fused_resnet::conv2d_bias_act", mutates_args=())(_compute_conv2d_bias_act)
@@ -211,15 +205,17 @@ def _compute_conv2d_preact(
 ) -> tuple[Tensor, Tensor]:
     backends.check_name(backend)
     shape = check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
-    out, out_preact = _new_output(x, shape), _new_output(x, shape)
-    if out.numel() == 0:
-        return out, out_preact
+    out_preact = _new_output(x, shape)
+    if out_preact.numel() == 0:
+        return _new_output(x, shape), out_preact
     dilation = _effective_dilation(weight, dilation)
     args = (x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
-    result = backends.select_preact(backend, *args, out).conv2d_preact(out, out_preact, *args)
+    chosen = backends.select_preact(backend, *args, out_preact)
+    out = backends.preallocated(chosen, lambda: _new_output(x, shape))
+    result = chosen.conv2d_preact(out, out_preact, *args)
     if result is None:
         return out, out_preact
-    return _as_output(result[0], out), _as_output(result[1], out_preact)
+    return _as_output(result[0], out, x, shape), _as_output(result[1], out_preact, x, shape)
 
 
 _conv2d_preact = torch.library.custom_op("fused_resnet::conv2d_preact", mutates_args=())(_compute_conv2d_preact)

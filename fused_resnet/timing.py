@@ -44,8 +44,8 @@ def interleaved_ms(
 
     Before each sample, one untimed call of the same function lets it settle into its own steady
     state, as it runs when used alone: on the CPU the allocator hands memory freed by the function
-    before back to the OS, and the first call after it pays page faults for that churn (5-7% of a
-    ResNet-18 at batch 8, falling on whichever function came next)."""
+    before back to the OS, and the first call after it pays page faults for that churn (4% of a
+    ResNet-18 at batch 8 in one measurement, falling on whichever function came next)."""
     calls = {}
     for name, fn in fns.items():
         warm = time_ms(fn, device, iters=1, warmup=warmup - 1)[0] if warmup else 1.0

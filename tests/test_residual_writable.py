@@ -10,6 +10,7 @@ import torchvision
 import fused_resnet as fr
 from fused_resnet import backends, ops
 from fused_resnet.nn import FusedBottleneck
+from fused_resnet.parity import randomize_bn_
 
 pytestmark = pytest.mark.skipif(
     backends.get("onednn").unavailable_reason(torch.device("cpu")) is not None, reason="PyTorch built without oneDNN"
@@ -82,17 +83,9 @@ def test_the_flag_must_be_a_bool(generator):
         ops.conv2d_bias_act(x, weight, bias, residual, residual_writable=1, **conv)
 
 
-def randomised(model: torch.nn.Module, generator) -> torch.nn.Module:
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
-    return model.eval()
-
-
 @pytest.fixture
 def resnet18(generator):
-    return randomised(torchvision.models.resnet18(num_classes=10), generator)
+    return randomize_bn_(torchvision.models.resnet18(num_classes=10), generator).eval()
 
 
 @torch.no_grad()
@@ -132,7 +125,7 @@ def test_outputs_a_hook_has_seen_are_never_overwritten(hook_on, resnet18, genera
 
 @torch.no_grad()
 def test_a_hooked_downsample_output_is_never_overwritten(generator):
-    block = randomised(torchvision.models.resnet50().layer2[0], generator)
+    block = randomize_bn_(torchvision.models.resnet50().layer2[0], generator).eval()
     fused = FusedBottleneck.from_block(block)
     seen = []
     fused.downsample.register_forward_hook(lambda m, a, out: seen.append((out, out.clone())))
@@ -144,7 +137,7 @@ def test_a_hooked_downsample_output_is_never_overwritten(generator):
 
 @torch.no_grad()
 def test_a_block_called_alone_leaves_its_input_alone(generator):
-    block = randomised(torchvision.models.resnet50().layer1[1], generator)
+    block = randomize_bn_(torchvision.models.resnet50().layer1[1], generator).eval()
     fused = FusedBottleneck.from_block(block)
     x = torch.randn(1, 256, 6, 7, generator=generator).contiguous(memory_format=CL)
     kept = x.clone()

@@ -23,8 +23,9 @@ Every backend module exposes the same names, so the op layer can treat them alik
     conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
             -> tuple[Tensor, Tensor] | None
         Writes y = conv2d(x, weight) + bias + residual into `out` and z = relu(y * scale + shift) into
-        `out_preact` (scale, shift: (Cout,)), both preallocated channels_last tensors, or returns its
-        own (y, z), which the op keeps when their strides are the outputs' and copies otherwise.
+        `out_preact` (scale, shift: (Cout,)), both preallocated channels_last tensors (`out` is None
+        for an ALLOCATES_OUTPUT backend), or returns its own (y, z), which the op keeps when they are
+        channels_last and copies otherwise.
     add_relu_unsupported_reason(x, y) -> str | None
     add_relu(out, x, y) -> None
         Writes relu(x + y) into `out` (same shape and dtype as x and y, x's strides).
@@ -251,6 +252,11 @@ def _select_checked(name: str, layer: tuple, device: torch.device, what: str, re
     return autotune.remember(_checked_choice, key, device, verify_once)
 
 
+def preallocated(backend: ModuleType, make) -> torch.Tensor | None:
+    """`make()`, the output `backend` is to write, or None for a backend that allocates its own (ALLOCATES_OUTPUT)."""
+    return None if getattr(backend, "ALLOCATES_OUTPUT", False) else make()
+
+
 def _scratch(like: torch.Tensor, poisoned: bool, shape=None) -> torch.Tensor:
     """A new tensor of `like`'s dtype and device, and `like`'s shape and strides or a channels_last `shape`."""
     if shape is None:
@@ -276,7 +282,7 @@ def select_conv(name, x, weight, bias, residual, stride, padding, dilation, grou
     )  # fmt: skip
 
     def run(b, poisoned):
-        scratch = None if getattr(b, "ALLOCATES_OUTPUT", False) else _scratch(x, poisoned, out_shape)
+        scratch = preallocated(b, lambda: _scratch(x, poisoned, out_shape))
         result = b.conv2d_bias_act(scratch, x, weight, bias, residual, stride, padding, dilation, groups, relu)
         return scratch if result is None else result
 
@@ -305,7 +311,7 @@ def select_preact(name, x, weight, bias, residual, scale, shift, stride, padding
     args = (x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
 
     def run(b, poisoned):
-        y, z = _scratch(out, poisoned), _scratch(out, poisoned)
+        y, z = preallocated(b, lambda: _scratch(out, poisoned)), _scratch(out, poisoned)
         result = b.conv2d_preact(y, z, *args)
         return self_check.both_outputs(*((y, z) if result is None else result))
 
