@@ -39,7 +39,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 COLUMNS = [
     "arch", "dtype", "batch", "peer", "median_ms", "p20_ms", "p80_ms", "spread", "img_per_s",
     "vs_eager", "vs_freezing", "vs_max_autotune", "setup_s", "error_vs_fp32",
-]  # fmt: skip
+]
 # Ratio columns: the peer's median time over ours (> 1: the row is faster than that peer).
 RATIOS = {"vs_eager": "eager NCHW", "vs_freezing": "compile freezing", "vs_max_autotune": "compile max-autotune+freezing"}
 MAX_SPREAD = 0.10

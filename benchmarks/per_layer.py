@@ -28,6 +28,7 @@ from results_io import environment, write  # noqa: E402
 import fused_resnet as fr  # noqa: E402
 from fused_resnet import backends, ops  # noqa: E402
 from fused_resnet.architectures import build  # noqa: E402
+from fused_resnet.call import ConvCall  # noqa: E402
 from fused_resnet.parity import relative_error  # noqa: E402
 from fused_resnet.timing import graph_time_ms, quantiles, time_ms  # noqa: E402
 
@@ -115,7 +116,7 @@ def measure(args, device) -> tuple[list[dict], tuple[float, float]]:
                 _, median, _ = quantiles(graph_time_ms(run, device, iters=args.iters, warmup=3))
                 tflops, gbps = flops / median / 1e9, nbytes / median / 1e6
                 # Which compiled kernel the CUDA C++ backend measured fastest (CUTLASS 2.x or Hopper).
-                kernel = backends.get("cuda").chosen_kernel(x, w, bias, residual, conv["stride"], conv["padding"], conv["dilation"], layer["relu"]) if impl == "ours cuda" else None
+                kernel = backends.get("cuda").chosen_kernel(ConvCall.of(x, w, bias, residual, relu=layer["relu"], **conv)) if impl == "ours cuda" else None
                 group.append(dict(batch=batch, layer=name_of(layer), count=layer["count"], impl=impl, median_us=median * 1e3, tflops=tflops, gbps=gbps, pct_peak_flops=100 * tflops / peak_tflops, pct_peak_bw=100 * gbps / peak_gbps, error=error, kernel=kernel))
             cudnn_us = group[0]["median_us"]
             for row in group:
@@ -147,7 +148,7 @@ def chart(rows: list[dict]):
             impls = list(dict.fromkeys(r["impl"] for r in rows if r["batch"] == batch and r["impl"] != "cudnn conv"))
             width = 0.8 / len(impls)
             for i, impl in enumerate(impls):
-                values = [next((r["vs_cudnn_conv"] for r in rows if r["batch"] == batch and r["layer"] == l and r["impl"] == impl), 0) for l in layers]
+                values = [next((r["vs_cudnn_conv"] for r in rows if r["batch"] == batch and r["layer"] == layer and r["impl"] == impl), 0) for layer in layers]
                 ax.bar([j + i * width for j in range(len(layers))], values, width, label=impl)
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xticks(range(len(layers)), layers, rotation=75, fontsize=6)

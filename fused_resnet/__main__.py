@@ -20,16 +20,20 @@ import importlib.util
 import os
 import pickle
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import fused_resnet as fr
-
 from . import backends, peers
+from .convert import fuse
+from .fusion_report import inspect as inspect_model
+from .version import __version__
+from .call import ConvCall
 from .architectures import ARCHITECTURES, build, check_name, classifier_weight_key, create
-from .export import ONNX_DTYPES, export_program, save_program
+from .export import ONNX_DTYPES, export_onnx, export_program, save_program
 from .parity import parity, relative_error, top1_agreement
 from .timing import quantiles, time_ms
 
@@ -94,7 +98,7 @@ def _check_backend(name: str, device: torch.device, dtype_name: str) -> None:
     dtype = DTYPES[dtype_name]
     x = torch.empty(1, _PROBE_CHANNELS, _PROBE_SIZE, _PROBE_SIZE, dtype=dtype, device=device)
     weight = torch.empty(_PROBE_CHANNELS, _PROBE_CHANNELS, 3, 3, dtype=dtype, device=device)
-    reason = backend.conv_unsupported_reason(x, weight, None, None, (1, 1), (1, 1), (1, 1), 1)
+    reason = backend.conv_unsupported_reason(ConvCall.of(x, weight, padding=1))
     if reason is not None:
         raise UsageError(f"--backend {name} does not compute {dtype_name} convolutions: {reason}")
 
@@ -111,30 +115,14 @@ def _defaults(args) -> None:
     _check_backend(args.backend, args.device, args.dtype)
 
 
-def _extension_status() -> str:
-    """Whether the CUDA C++ extension was built, with which kernels, or why it is not there."""
-    cuda = backends.get("cuda")
-    if cuda._C is None:
-        if importlib.util.find_spec("fused_resnet._C") is None:
-            return "CUDA extension: not built (no CUDA toolkit when installed, or not installed: make setup)"
-        return f"CUDA extension: built but does not load: {cuda._LOAD_ERROR}"
-    if not cuda.CONV_CONFIGS:
-        return "CUDA extension: built without the conv kernels (no CUTLASS headers when built)"
-    hopper = sum(name.startswith("sm90") for name in cuda.CONV_CONFIGS)
-    return (
-        f"CUDA extension: built, {len(cuda.CONV_CONFIGS) - hopper} CUTLASS 2.x conv kernels"
-        + (f" and {hopper} Hopper ones (sm_90a)" if hopper else "")
-    )
-
-
 def _print_header(args, subject: str) -> None:
     """What run, bench and verify print first: versions, device, backends, extension, settings."""
     print(
-        f"fused_resnet {fr.__version__} | torch {torch.__version__} | device {args.device}"
+        f"fused_resnet {__version__} | torch {torch.__version__} | device {args.device}"
         + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.type == "cuda" else "")
         + f" | backends available: {', '.join(backends.available(args.device))}"
     )
-    print(_extension_status())
+    print(backends.get("cuda").status())
     print(f"{subject}, batch {args.batch}, {args.image_size}x{args.image_size}, {args.dtype}, backend {args.backend!r}", flush=True)
 
 
@@ -147,7 +135,7 @@ def check_parity(arch: str, args, generator: torch.Generator) -> tuple[object, f
     reference = copy.deepcopy(model).double()(x.double())
     eager_fp32 = model(x)
     eager = eager_fp32 if dtype == torch.float32 else copy.deepcopy(model).to(dtype)(x.to(dtype))
-    fused = fr.fuse(model, backend=args.backend, dtype=dtype)
+    fused = fuse(model, backend=args.backend, dtype=dtype)
     ours = fused(x)
     return parity(ours, eager, reference), top1_agreement(ours, eager_fp32)
 
@@ -311,14 +299,14 @@ def convert(args) -> int:
         model = load_torchvision_weights(args.arch, Path(args.weights))
         source = f"weights from {args.weights} ({model.state_dict()[classifier_weight_key(args.arch)].shape[0]} classes)"
     model = model.to(device)
-    fused = fr.fuse(model, dtype=dtype)
+    fused = fuse(model, dtype=dtype)
     size = args.image_size
-    print(f"fused_resnet {fr.__version__} | torch {torch.__version__} | {args.arch}, {args.dtype}, device {device}")
+    print(f"fused_resnet {__version__} | torch {torch.__version__} | {args.arch}, {args.dtype}, device {device}")
     print(f"model: {source}")
 
     example = torch.randn(args.batch, 3, size, size, generator=generator).to(device, dtype)
     if out.suffix == ".onnx":
-        fr.export_onnx(fused, (example,), out)
+        export_onnx(fused, (example,), out)
         what = "ONNX, standard operators only"
     else:
         try:
@@ -369,7 +357,7 @@ def _at_least(least: int):
 
 
 def inspect(args) -> int:
-    print(fr.inspect(build(args.arch, torch.Generator().manual_seed(args.seed))))
+    print(inspect_model(build(args.arch, torch.Generator().manual_seed(args.seed))))
     return 0
 
 
@@ -389,76 +377,88 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _subcommand(commands, name: str, text: str) -> argparse.ArgumentParser:
-    return commands.add_parser(
-        name, help=text, description=text, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def _timing_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="resnet50", type=_arch, metavar="ARCH", help=ARCH_HELP)
+    parser.add_argument("--iters", type=_at_least(MIN_ITERS), default=20, help=f"timed repetitions per peer (at least {MIN_ITERS})")
+    parser.add_argument("--peers", nargs="+", choices=list(peers.ALL), default=None, metavar="PEER", help=f"from: {', '.join(peers.ALL)}")
+    _common(parser)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
-        prog="python -m fused_resnet",
-        description=__doc__.split("\n\n")[0] + "\nWithout a subcommand, it runs `run`.",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", title="subcommands", metavar="SUBCOMMAND")
-    for command, text in (
-        ("run", "fuse one model, check parity against float64 eager, time it against its peers (the default)"),
-        ("bench", "time one model against the peers named with --peers (eager, torch.compile, cuDNN, ours)"),
-    ):
-        timing_parser = _subcommand(commands, command, text)
-        timing_parser.add_argument("--arch", default="resnet50", type=_arch, metavar="ARCH", help=ARCH_HELP)
-        timing_parser.add_argument(
-            "--iters", type=_at_least(MIN_ITERS), default=20, help=f"timed repetitions per peer (at least {MIN_ITERS})"
-        )
-        timing_parser.add_argument("--peers", nargs="+", choices=list(peers.ALL), default=None, metavar="PEER", help=f"from: {', '.join(peers.ALL)}")
-        _common(timing_parser)
-    verify_parser = _subcommand(commands, "verify", "parity of every architecture (or those named) against float64 eager")
-    verify_parser.add_argument("archs", nargs="*", metavar="ARCH", help=f"default: all of {', '.join(ARCHITECTURES)}")
-    _common(verify_parser)
-    convert_parser = _subcommand(
-        commands, "convert", "export a fused model to .pt2 (torch.export) or .onnx, re-load it and check it"
-    )
-    convert_parser.add_argument("--arch", default="resnet50", type=_arch, metavar="ARCH", help=ARCH_HELP)
-    convert_parser.add_argument(
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("archs", nargs="*", metavar="ARCH", help=f"default: all of {', '.join(ARCHITECTURES)}")
+    _common(parser)
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="resnet50", type=_arch, metavar="ARCH", help=ARCH_HELP)
+    parser.add_argument(
         "--weights",
         metavar="FILE",
         help="torch.save(model.state_dict()) of a torchvision or timm model of that architecture, any number of classes "
         "(default: random weights)",
     )
-    convert_parser.add_argument("--out", required=True, metavar="FILE", help="model.pt2 (torch.export) or model.onnx")
-    convert_parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    convert_parser.add_argument(
-        "--batch", type=int, default=2, help="example batch to trace and check with (>= 2); the artifact takes any"
-    )
-    convert_parser.add_argument("--image-size", type=int, default=224)
-    convert_parser.add_argument("--device", default="cpu", help="the device the exported program runs on")
-    convert_parser.add_argument(
+    parser.add_argument("--out", required=True, metavar="FILE", help="model.pt2 (torch.export) or model.onnx")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--batch", type=int, default=2, help="example batch to trace and check with (>= 2); the artifact takes any")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--device", default="cpu", help="the device the exported program runs on")
+    parser.add_argument(
         "--lower-to",
         choices=list(LOWERED),
         default="aten",
         help="what the fused ops become in a .pt2 (see fused_resnet.export); triton and cuda need --device cuda",
     )
-    convert_parser.add_argument(
-        "--aoti", action="store_true", help="write an AOTInductor package (compiled for this machine) instead"
-    )
-    convert_parser.add_argument("--seed", type=int, default=0)
-    inspect_parser = _subcommand(commands, "inspect", "fuse one model and print each conv + BN group: fused or not, and why")
-    inspect_parser.add_argument("--arch", default="resnet50", type=_arch, metavar="ARCH", help=ARCH_HELP)
-    inspect_parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--aoti", action="store_true", help="write an AOTInductor package (compiled for this machine) instead")
+    parser.add_argument("--seed", type=int, default=0)
 
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="resnet50", type=_arch, metavar="ARCH", help=ARCH_HELP)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# The command line: one row per subcommand. The first is what runs without one.
+SUBCOMMANDS = (
+    Subcommand("run", "fuse one model, check parity against float64 eager, time it against its peers (the default)", _timing_arguments, run),
+    Subcommand("bench", "time one model against the peers named with --peers (eager, torch.compile, cuDNN, ours)", _timing_arguments, bench),
+    Subcommand("verify", "parity of every architecture (or those named) against float64 eager", _verify_arguments, verify),
+    Subcommand("convert", "export a fused model to .pt2 (torch.export) or .onnx, re-load it and check it", _convert_arguments, convert),
+    Subcommand("inspect", "fuse one model and print each conv + BN group: fused or not, and why", _inspect_arguments, inspect),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="python -m fused_resnet",
+        description=__doc__.split("\n\n")[0] + f"\nWithout a subcommand, it runs `{SUBCOMMANDS[0].name}`.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", title="subcommands", metavar="SUBCOMMAND")
+    for command in SUBCOMMANDS:
+        command.add_arguments(commands.add_parser(
+            command.name, help=command.help, description=command.help, epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        ))
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["run", *argv]
+        argv = [SUBCOMMANDS[0].name, *argv]
     args = parser.parse_args(argv)
     for arch in getattr(args, "archs", []):
         try:
             check_name(arch)
         except ValueError as error:
-            commands.choices["verify"].error(str(error))
+            commands.choices[args.command].error(str(error))
     try:
-        return {"run": run, "bench": bench, "verify": verify, "convert": convert, "inspect": inspect}[args.command](args)
+        return next(c for c in SUBCOMMANDS if c.name == args.command).run(args)
     except UsageError as error:
         commands.choices[args.command].error(str(error))
 

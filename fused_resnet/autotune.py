@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .timing import time_ms
+from .version import __version__
 
 _lock = threading.RLock()
 # environment (environment_key: one per GPU model) -> layer key -> {"choice": name, "rejected": {name: why}}
@@ -49,20 +50,10 @@ def environment_key(device: torch.device) -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    from . import __version__
-
     return (
         f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
         f"triton {triton_version} | fused_resnet {__version__}"
     )
-
-
-def layer_key(op: str, tensors, *args) -> str:
-    parts = [op]
-    for t in tensors:
-        parts.append("-" if t is None else f"{tuple(t.shape)}/{t.stride()}/{str(t.dtype).removeprefix('torch.')}")
-    parts.extend(str(a) for a in args)
-    return " ".join(parts)
 
 
 def _load(device: torch.device) -> dict[str, dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 
 import torch
@@ -16,45 +17,89 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import backends
-from .fold import BN_TYPES
-from .graph_fuse import FusionGroup, fuse_graph
-from .known_modules import bn_problem, block_twin_problem, conv_problem, is_relu
+from .graph_fuse import FusionGroup, fuse_graph, scan
+from .known_modules import (
+    bn_activation, bn_problem, block_twin_problem, conv_problem, hook_problem, is_relu, is_training_batch_norm,
+)
+from .safety import Refusals
 from .nn import FusedResNet, fuse_block
 
 
 def _is_plain_resnet(model: nn.Module) -> bool:
-    """A torchvision ResNet whose forward, stem and blocks are torchvision's own, so FusedResNet computes the same function."""
+    """A torchvision ResNet whose forward, stem, stages, blocks and head are torchvision's own, with no hook,
+    parametrization or tied parameter anywhere: then FusedResNet computes the same function and nothing
+    the model lets a user observe is lost."""
     cls = type(model)
-    return (
+    if not (
         isinstance(model, ResNet)
         and cls.forward is ResNet.forward
         and cls._forward_impl is ResNet._forward_impl
+        and not {"forward", "_forward_impl"} & set(model.__dict__)
+    ):
+        return False
+    layers = [getattr(model, f"layer{i}") for i in range(1, 5)]
+    if not all(type(layer) is nn.Sequential and "forward" not in layer.__dict__ for layer in layers):
+        return False
+    if any(hook_problem(m) is not None for m in model.modules()) or Refusals(model).reasons:
+        return False
+    plain = {"maxpool": nn.MaxPool2d, "avgpool": nn.AdaptiveAvgPool2d, "fc": nn.Linear}
+    return (
+        all(type(getattr(model, name)) is kind and "forward" not in getattr(model, name).__dict__ for name, kind in plain.items())
         and conv_problem(model.conv1) is None
         and bn_problem(model.bn1) is None
+        and bn_activation(model.bn1) is None
         and is_relu(model.relu)
-        and all(block_twin_problem(block) is None for i in range(1, 5) for block in getattr(model, f"layer{i}"))
+        and all(block_twin_problem(block) is None for layer in layers for block in layer)
     )
 
 
-def _swap_blocks(module: nn.Module, backend: str, dtype, groups: list, prefix: str = "", fused: dict | None = None) -> None:
+def _swap_blocks(module: nn.Module, backend: str, dtype, groups: list, refusals: Refusals, prefix: str = "", fused: dict | None = None) -> None:
     """Replaces, in place, every torchvision BasicBlock/Bottleneck below `module` that its fused twin computes
-    exactly (see known_modules.block_twin_problem); the others are left to the graph pass.
+    exactly (see known_modules.block_twin_problem) and that holds no module that must stay as it is; the
+    others are left to the graph pass. A module with hooks is never replaced: its children may be.
 
     A block used at several places (the same object twice) gets one fused twin, shared the same way.
     """
     fused = {} if fused is None else fused
     for name, child in list(module._modules.items()):  # unlike named_children(), repeats shared modules
-        if isinstance(child, (BasicBlock, Bottleneck)) and block_twin_problem(child) is None:
+        if isinstance(child, (BasicBlock, Bottleneck)) and block_twin_problem(child) is None and not refusals.any_refused(child):
             if id(child) not in fused:  # holding the block keeps its id from being reused
-                fused[id(child)] = (child, fuse_block(child, backend, dtype))
+                fused[id(child)] = (child, fuse_block(child, backend, dtype, output_layout="as_eager"))
             setattr(module, name, fused[id(child)][1])
             groups.append(FusionGroup(prefix + name, f"torchvision {type(child).__name__} -> {type(fused[id(child)][1]).__name__}", True))
         elif child is not None:
-            _swap_blocks(child, backend, dtype, groups, f"{prefix}{name}.", fused)
+            _swap_blocks(child, backend, dtype, groups, refusals, f"{prefix}{name}.", fused)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model`, or an error that says what stops it and what to do."""
+    # Hooks are the user's: the copy calls the very same callables (a bound method's object is not copied).
+    memo = {
+        id(hook): hook
+        for module in model.modules()
+        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_hooks, module._backward_pre_hooks,
+                      module._state_dict_hooks, module._load_state_dict_pre_hooks)
+        for hook in hooks.values()
+    }
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as error:
+        for name, module in model.named_modules():
+            if any(type(hook).__name__ == "WeightNorm" for hook in module._forward_pre_hooks.values()):
+                raise ValueError(
+                    f"{name or 'the model'} uses the old-style torch.nn.utils.weight_norm, which cannot be copied "
+                    f"({type(error).__name__}: {error}). Remove it first with torch.nn.utils.remove_weight_norm "
+                    f"(it keeps the current weight), or use torch.nn.utils.parametrizations.weight_norm, which fr.fuse "
+                    "copies and leaves unfused, saying why"
+                ) from error
+        raise TypeError(
+            f"fr.fuse works on a copy of the model, and copy.deepcopy({type(model).__name__}) failed: "
+            f"{type(error).__name__}: {error}"
+        ) from error
 
 
 def _check_eval_mode(model: nn.Module) -> None:
-    training = [name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, BN_TYPES) and m.training]
+    training = [name or type(model).__name__ for name, m in model.named_modules() if is_training_batch_norm(m)]
     if training:
         raise ValueError(
             f"{len(training)} BatchNorm modules ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}) are in "
@@ -72,21 +117,59 @@ def fuse_with_report(model: nn.Module, backend: str = "auto", dtype: torch.dtype
     if _is_plain_resnet(model):
         fused = FusedResNet.from_resnet(model, backend, dtype)
         groups.append(FusionGroup("", "torchvision ResNet -> FusedResNet", True))
-    elif isinstance(model, (BasicBlock, Bottleneck)) and block_twin_problem(model) is None:
-        fused = fuse_block(model, backend, dtype)
+    elif isinstance(model, (BasicBlock, Bottleneck)) and block_twin_problem(model) is None and not Refusals(model).reasons:
+        fused = fuse_block(model, backend, dtype, output_layout="as_eager")
         groups.append(FusionGroup("", f"torchvision {type(model).__name__} -> {type(fused).__name__}", True))
     else:
-        fused = copy.deepcopy(model).eval()
-        _swap_blocks(fused, backend, dtype, groups)
-        fused = fuse_graph(fused, backend, dtype, groups)
-        if not any(group.fused for group in groups):
-            warnings.warn(
-                f"fused_resnet.fuse: nothing in {type(model).__name__} could be fused (no conv followed by "
-                "BatchNorm, residual add or ReLU); returning an unfused copy. fr.inspect(model) says why",
-                stacklevel=3,
-            )
+        fused = _copy(model).eval()
+        refusals = Refusals(fused)
+        scan(fused, refusals)
+        _swap_blocks(fused, backend, dtype, groups, refusals)
+        fused = fuse_graph(fused, backend, dtype, groups, refusals, replaceable=hook_problem(fused) is None)
+    _report_remaining_norms(fused, groups)
     fused.eval()
     return fused.to(dtype), groups  # the parts left unfused; the folded weights are already in dtype
+
+
+_NORM_NAME = re.compile(r"(Batch|Group|Layer|Instance|Rms|RMS|LocalResponse)Norm")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return bool(_NORM_NAME.search(type(module).__name__)) and not type(module).__module__.startswith("fused_resnet")
+
+
+def _norm_reason(module: nn.Module) -> str:
+    if isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)) or (
+        "BatchNorm" not in type(module).__name__
+    ):
+        return f"{type(module).__name__} normalises each input with that input's own statistics: no fixed map to fold"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        return f"{type(module).__name__}: only a 2-d BatchNorm after a Conv2d folds"
+    return "left as it is"
+
+
+def _report_remaining_norms(fused: nn.Module, groups: list[FusionGroup]) -> None:
+    """Adds a group for every normalization layer that still runs in `fused` and has none yet."""
+    reported = {group.name for group in groups if not group.fused}
+    for name, module in fused.named_modules():
+        if _is_norm(module) and name not in reported:
+            groups.append(FusionGroup(name, type(module).__name__, False, _norm_reason(module)))
+
+
+def _warn_left(model: nn.Module, groups: list[FusionGroup]) -> None:
+    left = [group for group in groups if not group.fused]
+    if not any(group.fused for group in groups):
+        warnings.warn(
+            f"fused_resnet.fuse: nothing in {type(model).__name__} could be fused (no conv followed by BatchNorm, "
+            "residual add or ReLU that is safe to rewrite); returning an unfused copy. fr.inspect(model) says why",
+            stacklevel=3,
+        )
+    elif left:
+        warnings.warn(
+            f"fused_resnet.fuse: {len(left)} normalization layer{'s' if len(left) > 1 else ''} of "
+            f"{type(model).__name__} still run as they are; fr.inspect(model) says why for each",
+            stacklevel=3,
+        )
 
 
 def fuse(
@@ -98,7 +181,7 @@ def fuse(
     is copied with each unmodified torchvision BasicBlock / Bottleneck replaced by its fused twin and every
     other conv -> BN (-> add) (-> ReLU) chain folded into one fused conv where that provably computes the
     same function; the rest is unchanged (fr.inspect reports what was fused and why not).
-    `backend` ("auto", "torch", "triton", "cuda") is used by every fused conv; `dtype` casts the result.
+    `backend` ("auto" or one of fused_resnet.backends.NAMES) is used by every fused conv; `dtype` casts the result.
     `verify` checks the backend's result for each layer, on its first call, against the reference
     backend (parity rule); a layer that fails runs on the reference, with a warning ("auto" on a GPU
     checks every candidate anyway). `verify=None` reads FUSED_RESNET_VERIFY (1: verify), here, once.
@@ -108,4 +191,6 @@ def fuse(
         verify = os.environ.get("FUSED_RESNET_VERIFY", "0") == "1"
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool or None, got {verify!r}")
-    return fuse_with_report(model, backends.verified(backend) if verify else backend, dtype)[0]
+    fused, groups = fuse_with_report(model, backends.verified(backend) if verify else backend, dtype)
+    _warn_left(model, groups)
+    return fused

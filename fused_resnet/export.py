@@ -7,7 +7,7 @@ pick a backend in Python on every call. export_program lowers them to one of thr
               fused_resnet (an AOTInductor package calls back into Python for them).
     "aten"    the aten ops they compute (convolution with the folded weights and bias, add, relu):
               the program runs wherever PyTorch runs, and AOTInductor compiles all of it its own way.
-    "triton"  our Triton kernels as fused_resnet_triton ops (backends/triton/library.py): on CUDA,
+    "triton"  our Triton kernels as fused_resnet_triton ops (fused_resnet/triton_ops.py): on CUDA,
               AOTInductor compiles the kernels themselves into its package, which then runs them
               without fused_resnet.
     "cuda"    the CUDA C++ backend's ops, fused_resnet_C::conv2d_bias_act / add_relu, where its
@@ -121,7 +121,7 @@ def _lowering_table(lower_to: str, args: tuple) -> dict | None:
             if reason is not None:
                 raise ValueError(f"lower_to={lower_to!r} cannot serve the {device.type} inputs: {reason}")
     if lower_to == "triton":
-        from .backends.triton import library  # noqa: F401  (registers the fused_resnet_triton ops)
+        from . import triton_ops  # noqa: F401  (registers the fused_resnet_triton ops)
     return LOWERINGS[lower_to]
 
 

@@ -16,7 +16,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-BN_TYPES = (_BatchNorm, FrozenBatchNorm2d)
+try:  # timm's frozen BatchNorm + activation (what timm.layers.freeze_batch_norm_2d makes of BatchNormAct2d)
+    from timm.layers.norm_act import FrozenBatchNormAct2d
+except ImportError:  # timm is optional
+    FrozenBatchNormAct2d = None
+
+# Every module whose eval-mode function is an affine map of fixed statistics (then, for timm's *Act
+# modules, an activation kept apart).
+BN_TYPES = (_BatchNorm, FrozenBatchNorm2d) + ((FrozenBatchNormAct2d,) if FrozenBatchNormAct2d is not None else ())
 
 
 def _float64(t: Tensor | None) -> Tensor | None:

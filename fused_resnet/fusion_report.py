@@ -29,19 +29,24 @@ BATCH_NORM_OPS = {
 }
 
 
-class _CountBatchNormOps(TorchDispatchMode):
-    def __init__(self):
+# ... and every other normalization (group, layer, instance norm).
+NORM_OPS = BATCH_NORM_OPS | {aten.native_group_norm, aten.group_norm, aten.native_layer_norm, aten.layer_norm, aten.instance_norm}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self, ops):
         super().__init__()
-        self.count = 0
+        self.ops, self.count = ops, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket in BATCH_NORM_OPS
+        self.count += func.overloadpacket in self.ops
         return func(*args, **(kwargs or {}))
 
 
-def batch_norm_ops(model: nn.Module, *inputs) -> int:
-    """How many batch-norm operators run while `model` computes `model(*inputs)`."""
-    with torch.no_grad(), _CountBatchNormOps() as counter:
+def batch_norm_ops(model: nn.Module, *inputs, ops=BATCH_NORM_OPS) -> int:
+    """How many batch-norm operators (or, with `ops=NORM_OPS`, normalization operators) run while `model`
+    computes `model(*inputs)`."""
+    with torch.no_grad(), _CountOps(ops) as counter:
         model(*inputs)
     return counter.count
 

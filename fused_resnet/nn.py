@@ -9,18 +9,24 @@ its folded weights and biases stay trainable. `.train()` warns once to say so.
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_tracing
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from . import backends, ops
-from .fold import BN_TYPES, bn_scale_shift, fold_bn
-from .known_modules import block_twin_problem
+from . import backends
+from . import ops
+from .ops import conv2d_bias_act, conv2d_preact
+from .fold import bn_scale_shift, fold_bn
+from .known_modules import block_twin_problem, foldable_shortcut
 from .validation import conv_output_size
+
+# torch.fx records the ops as calls (a traced FusedConv2d stays one fused op, not its Python body).
+torch.fx.wrap("conv2d_bias_act")
+torch.fx.wrap("conv2d_preact")
 
 _TRAIN_MESSAGE = (
     "fused_resnet modules have their BatchNorm folded into the conv weights: in training mode they "
@@ -29,8 +35,23 @@ _TRAIN_MESSAGE = (
 _warned_train = False
 
 
+OUTPUT_LAYOUTS = ("channels_last", "as_eager")
+
+
+def in_layout_of(y: Tensor, x: Tensor) -> Tensor:
+    """`y` in the memory format eager's conv gives its output for input `x`: channels_last for a channels_last
+    input, else contiguous (NCHW)."""
+    return y.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else y.contiguous()
+
+
 class FusedConv2d(nn.Module):
-    """act(conv2d(x, weight) + bias [+ residual]); act is ReLU when `relu`, else the identity."""
+    """act(conv2d(x, weight) + bias [+ residual]); act is ReLU when `relu`, else the identity.
+
+    `output_layout`: "channels_last" (the fused op's own output, best for a fused network that stays in it)
+    or "as_eager" (the memory format eager's conv would give: channels_last for a channels_last input,
+    else NCHW), for a conv whose output code outside the fused network may read (`.view` needs it)."""
+
+    output_layout = "channels_last"  # modules pickled before the attribute existed
 
     def __init__(
         self,
@@ -46,9 +67,13 @@ class FusedConv2d(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        output_layout: str = "channels_last",
     ):
         super().__init__()
         backends.check_name(backend)
+        if output_layout not in OUTPUT_LAYOUTS:
+            raise ValueError(f"output_layout must be one of {OUTPUT_LAYOUTS}, got {output_layout!r}")
+        self.output_layout = output_layout
         r, s = nn.modules.utils._pair(kernel_size)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = (r, s)
@@ -65,11 +90,16 @@ class FusedConv2d(nn.Module):
 
     @classmethod
     def from_conv_bn(
-        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, relu: bool, backend: str = "auto", dtype=None
+        cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, relu: bool, backend: str = "auto", dtype=None,
+        output_layout: str = "channels_last",
     ):
         """The conv, with `bn` (if any) folded in, followed by ReLU if `relu`. Neither module is modified.
 
-        `dtype` (default: the conv's) is the dtype of the folded weights, rounded once from float64."""
+        `dtype` (default: the conv's) is the dtype of the folded weights, rounded once from float64.
+        `output_layout="as_eager"` gives the layout eager's conv gives (channels_last always when the conv's
+        own weight is channels_last, as eager's is then)."""
+        if output_layout == "as_eager" and _is_channels_last(conv.weight):
+            output_layout = "channels_last"
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
@@ -90,6 +120,7 @@ class FusedConv2d(nn.Module):
             backend=backend,
             device=weight.device,
             dtype=weight.dtype,
+            output_layout=output_layout,
         )
         with torch.no_grad():
             fused.weight.copy_(weight)
@@ -107,9 +138,12 @@ class FusedConv2d(nn.Module):
         """`relu=False` leaves out the activation (for a residual the epilogue cannot take).
         `residual_writable=True`: the caller will not read `residual` again (see ops.conv2d_bias_act)."""
         relu = self.relu if relu is None else relu
-        return ops.conv2d_bias_act(
+        # Checked here, after this module's pre-hooks ran: a hook that saw `residual` may keep it.
+        residual_writable = residual_writable and residual is not None and not _hooked(self) and not is_fx_tracing()
+        y = conv2d_bias_act(
             x, self.weight, self.bias, residual, relu=relu, residual_writable=residual_writable, **self._conv_arguments()
         )
+        return y if self.output_layout == "channels_last" else in_layout_of(y, x)
 
     def _conv_arguments(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups, backend=self.backend)
@@ -126,6 +160,7 @@ class FusedConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
             f"bias={self.bias is not None}, relu={self.relu}, backend={self.backend!r}"
+            + ("" if self.output_layout == "channels_last" else f", output_layout={self.output_layout!r}")
         )
 
 
@@ -143,10 +178,10 @@ class FusedConv2dPreact(FusedConv2d):
 
     @classmethod
     def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module | None = None, *, preact_bn: nn.Module, backend: str = "auto",
-                     dtype=None):
+                     dtype=None, output_layout: str = "channels_last"):
         """The conv with `bn` (if any) folded in, and `preact_bn` (the BatchNorm that the ReLU of z follows)
         as its per-channel scale and shift. No module is modified."""
-        fused = super().from_conv_bn(conv, bn, relu=False, backend=backend, dtype=dtype)
+        fused = super().from_conv_bn(conv, bn, relu=False, backend=backend, dtype=dtype, output_layout=output_layout)
         scale, shift = bn_scale_shift(preact_bn, dtype=fused.weight.dtype)
         with torch.no_grad():
             fused.preact_scale.copy_(scale)
@@ -155,7 +190,8 @@ class FusedConv2dPreact(FusedConv2d):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         scale, shift = self.preact_scale, self.preact_shift
-        return ops.conv2d_preact(x, self.weight, self.bias, residual, scale=scale, shift=shift, **self._conv_arguments())
+        y, z = conv2d_preact(x, self.weight, self.bias, residual, scale=scale, shift=shift, **self._conv_arguments())
+        return (y, z) if self.output_layout == "channels_last" else (in_layout_of(y, x), in_layout_of(z, x))
 
     def conv(self, x: Tensor) -> Tensor:
         """conv2d(x, weight) + bias alone, for a residual the epilogue cannot take (then see pre_activate)."""
@@ -176,32 +212,39 @@ def fuse_downsample(downsample: nn.Module | None, backend: str, dtype=None) -> n
     """
     if downsample is None:
         return None
-    parts = list(downsample.children()) if isinstance(downsample, nn.Sequential) else []
-    if len(parts) == 2 and isinstance(parts[0], nn.Conv2d) and isinstance(parts[1], BN_TYPES):
-        return FusedConv2d.from_conv_bn(parts[0], parts[1], relu=False, backend=backend, dtype=dtype)
+    pair = foldable_shortcut(downsample)
+    if pair is not None:
+        return FusedConv2d.from_conv_bn(*pair, relu=False, backend=backend, dtype=dtype)
     warnings.warn(
-        f"fused_resnet: shortcut {type(downsample).__name__} is not a (conv, BatchNorm) pair; kept unfused",
+        f"fused_resnet: shortcut {type(downsample).__name__} is not torchvision's (conv, BatchNorm) pair; kept unfused",
         stacklevel=3,
     )
     return copy.deepcopy(downsample).to(dtype)
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether a forward hook could keep a reference to what `module` or a submodule takes or returns."""
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _hooked(module: nn.Module, own_only: bool = False) -> bool:
+    """Whether a forward hook or pre-hook (with or without kwargs, global, on `module` or, unless `own_only`,
+    on a submodule) could see, and keep, what `module` takes or returns. Asked at each call, where a write
+    over a tensor is decided."""
     if _global_forward_hooks or _global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks for m in ((module,) if own_only else module.modules()))
 
 
-def _shortcut(downsample: nn.Module | None, x: Tensor, x_writable: bool) -> tuple[Tensor, bool]:
-    """A block's identity branch, and whether the block's last conv may write its result over it.
+def _residual_of(block: nn.Module, x: Tensor, x_writable: bool) -> tuple[Tensor, bool]:
+    """A block's residual branch, and whether its last conv may write its result over it.
 
-    Writing over it saves a new output (whose pages would be faulted in afresh on every call): that
-    is safe for the output of a fused downsample conv, which nothing else has seen unless a hook is
-    registered, and for the block's input when its caller says so.
+    Writing over it saves a new output (whose pages would be faulted in afresh on every call). It is
+    safe for the output of a fused downsample conv that no hook has seen, and for the block's input
+    when its caller owns it (`x_writable`) and no hook of the block, or of a module in it, has seen it.
     """
+    downsample = block.downsample
     if downsample is None:
-        return x, x_writable
+        return x, x_writable and not _hooked(block)
     return downsample(x), isinstance(downsample, FusedConv2d) and not _hooked(downsample)
 
 
@@ -213,59 +256,67 @@ def _check_twin(block: nn.Module) -> None:
         )
 
 
-class FusedBasicBlock(nn.Module):
+class _FusedResidualBlock(nn.Module):
+    """A torchvision block as fused convs conv1 .. convN; the residual add and ReLU run in convN's epilogue.
+
+    `output_layout` as FusedConv2d's: "as_eager" returns the block's output in the memory format the
+    eager block gives (the layout of its input, or channels_last when its conv weights were), while the
+    convs inside stay channels_last."""
+
+    CONVS: tuple[str, ...]
+    TWIN: type
+    output_layout = "channels_last"
+
+    def __init__(self, *convs: FusedConv2d, downsample: nn.Module | None = None, output_layout: str = "channels_last"):
+        super().__init__()
+        if len(convs) != len(self.CONVS):
+            raise TypeError(f"{type(self).__name__} takes {len(self.CONVS)} convs, got {len(convs)}")
+        if output_layout not in OUTPUT_LAYOUTS:
+            raise ValueError(f"output_layout must be one of {OUTPUT_LAYOUTS}, got {output_layout!r}")
+        for name, conv in zip(self.CONVS, convs):
+            setattr(self, name, conv)
+        self.downsample, self.output_layout = downsample, output_layout
+
+    @classmethod
+    def from_block(cls, block: nn.Module, backend: str = "auto", dtype=None, output_layout: str = "channels_last"):
+        _check_twin(block)
+        if output_layout == "as_eager" and _is_channels_last(block.conv1.weight):
+            output_layout = "channels_last"
+        convs = (
+            FusedConv2d.from_conv_bn(getattr(block, name), getattr(block, f"bn{name[-1]}"), relu=True, backend=backend, dtype=dtype)
+            for name in cls.CONVS
+        )
+        return cls(*convs, downsample=fuse_downsample(block.downsample, backend, dtype), output_layout=output_layout)
+
+    def forward(self, x: Tensor, *, x_writable: bool = False) -> Tensor:
+        """`x_writable=True`: the caller will not read `x` again, so the block may write over it."""
+        out = x
+        for name in self.CONVS[:-1]:
+            out = getattr(self, name)(out)
+        residual, writable = _residual_of(self, x, x_writable)
+        out = getattr(self, self.CONVS[-1])(out, residual=residual, residual_writable=writable)
+        return out if self.output_layout == "channels_last" else in_layout_of(out, x)
+
+
+class FusedBasicBlock(_FusedResidualBlock):
     """torchvision's BasicBlock as two fused convs; the residual add and ReLU run in conv2's epilogue."""
 
-    def __init__(self, conv1: FusedConv2d, conv2: FusedConv2d, downsample: nn.Module | None = None):
-        super().__init__()
-        self.conv1, self.conv2, self.downsample = conv1, conv2, downsample
-
-    @classmethod
-    def from_block(cls, block: BasicBlock, backend: str = "auto", dtype=None) -> FusedBasicBlock:
-        _check_twin(block)
-        return cls(
-            FusedConv2d.from_conv_bn(block.conv1, block.bn1, relu=True, backend=backend, dtype=dtype),
-            FusedConv2d.from_conv_bn(block.conv2, block.bn2, relu=True, backend=backend, dtype=dtype),
-            fuse_downsample(block.downsample, backend, dtype),
-        )
-
-    def forward(self, x: Tensor, *, x_writable: bool = False) -> Tensor:
-        """`x_writable=True`: the caller will not read `x` again, so the block may write over it."""
-        identity, writable = _shortcut(self.downsample, x, x_writable)
-        return self.conv2(self.conv1(x), residual=identity, residual_writable=writable)
+    CONVS = ("conv1", "conv2")
+    TWIN = BasicBlock
 
 
-class FusedBottleneck(nn.Module):
+class FusedBottleneck(_FusedResidualBlock):
     """torchvision's Bottleneck (v1.5: stride on the 3x3) as three fused convs; add + ReLU in conv3's epilogue."""
 
-    def __init__(
-        self, conv1: FusedConv2d, conv2: FusedConv2d, conv3: FusedConv2d, downsample: nn.Module | None = None
-    ):
-        super().__init__()
-        self.conv1, self.conv2, self.conv3, self.downsample = conv1, conv2, conv3, downsample
-
-    @classmethod
-    def from_block(cls, block: Bottleneck, backend: str = "auto", dtype=None) -> FusedBottleneck:
-        _check_twin(block)
-        return cls(
-            FusedConv2d.from_conv_bn(block.conv1, block.bn1, relu=True, backend=backend, dtype=dtype),
-            FusedConv2d.from_conv_bn(block.conv2, block.bn2, relu=True, backend=backend, dtype=dtype),
-            FusedConv2d.from_conv_bn(block.conv3, block.bn3, relu=True, backend=backend, dtype=dtype),
-            fuse_downsample(block.downsample, backend, dtype),
-        )
-
-    def forward(self, x: Tensor, *, x_writable: bool = False) -> Tensor:
-        """`x_writable=True`: the caller will not read `x` again, so the block may write over it."""
-        identity, writable = _shortcut(self.downsample, x, x_writable)
-        return self.conv3(self.conv2(self.conv1(x)), residual=identity, residual_writable=writable)
+    CONVS = ("conv1", "conv2", "conv3")
+    TWIN = Bottleneck
 
 
-def fuse_block(block: nn.Module, backend: str = "auto", dtype=None) -> nn.Module:
+def fuse_block(block: nn.Module, backend: str = "auto", dtype=None, output_layout: str = "channels_last") -> nn.Module:
     """The fused twin of a torchvision BasicBlock or Bottleneck."""
-    if isinstance(block, BasicBlock):
-        return FusedBasicBlock.from_block(block, backend, dtype)
-    if isinstance(block, Bottleneck):
-        return FusedBottleneck.from_block(block, backend, dtype)
+    for fused in (FusedBasicBlock, FusedBottleneck):
+        if isinstance(block, fused.TWIN):
+            return fused.from_block(block, backend, dtype, output_layout)
     raise TypeError(f"expected a torchvision BasicBlock or Bottleneck, got {type(block).__name__}")
 
 
@@ -297,7 +348,8 @@ class FusedResNet(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 4:
+        tracing = is_fx_tracing()
+        if not tracing and (not isinstance(x, Tensor) or x.dim() != 4):
             got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
                 f"FusedResNet takes a 4-D batch of images (N, {self.conv1.in_channels}, H, W), got {got}; "
@@ -305,15 +357,29 @@ class FusedResNet(nn.Module):
             )
         x = x.to(dtype=self.conv1.weight.dtype, memory_format=torch.channels_last)
         x = self.maxpool(self.conv1(x))
-        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
-        if _hooked(self) or not all(type(layer) is nn.Sequential for layer in layers):
-            for layer in layers:  # every module is called, so that every hook sees what it expects
-                x = layer(x)
-        else:
-            # Each block's input is the output of the block before, which only this loop holds (no
-            # hook has seen it): each block may write its result over its input.
-            for block in itertools.chain.from_iterable(layers):
-                x = block(x, x_writable=True) if isinstance(block, (FusedBasicBlock, FusedBottleneck)) else block(x)
+        # Whether only this loop holds x: then the next fused block may write its result over it. Decided
+        # at each step from the hooks registered now (a hook registered while this runs is seen at the
+        # next step), and never for a tensor a module other than our own blocks returned.
+        owned = not tracing and type(self.maxpool) is nn.MaxPool2d and not _hooked(self.maxpool)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            if tracing or type(layer) is not nn.Sequential or _hooked(layer, own_only=True):
+                x, owned = layer(x), False  # called as a module, so that every hook sees what it expects
+                continue
+            for block in layer:
+                if type(block) in (FusedBasicBlock, FusedBottleneck) and block.output_layout == "channels_last":
+                    x = block(x, x_writable=owned)
+                    owned = not _hooked(block)  # no hook of the block, or of its last conv, saw its output
+                else:  # a module the user placed here may keep what it takes or returns
+                    x, owned = block(x), False
         # Pooled from NCHW, the features flatten as a plain reshape: from channels_last, an exported
         # graph (ONNX) gathers them element by element, through index arithmetic.
         return self.fc(torch.flatten(self.avgpool(x.contiguous()), 1))
+
+
+def refresh(model: nn.Module) -> nn.Module:
+    """Makes the next call of `model` derive afresh every copy kept of its weights (oneDNN's packed
+    weights, autocast casts...). Needed only after writes PyTorch counts nowhere: through `.data`
+    (`w.data.mul_(2)`) or through a NumPy or DLPack view of a weight. Every other change (in-place ops,
+    `load_state_dict`, `.to()`, assigning a new tensor or parameter) is seen without it. Returns `model`."""
+    ops.forget(model.parameters())
+    return model

@@ -6,9 +6,10 @@
         z = relu(y * scale + shift)                (the next block's BatchNorm + ReLU, folded to an affine map)
     add_relu(x, y)                             = relu(x + y)
 
-Each op validates its arguments, picks a backend (see fused_resnet.backends) and lets it write a
-freshly allocated output. The conv output is always channels_last: the fused network converts its
-input once at the entry and stays in that layout between layers.
+Each op validates its arguments, describes the call (fused_resnet.call) and hands it to
+fused_resnet.dispatch, which picks a backend and lets it write the output. The conv output is always
+channels_last: the fused network converts its input once at the entry and stays in that layout
+between layers. The derivatives are in fused_resnet.derivatives.
 """
 
 from __future__ import annotations
@@ -19,19 +20,43 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, derivatives, dispatch
+from .backends import reference
+from .backends.weight_cache import DerivedWeights
+from .call import AddReluCall, ConvCall
 from .validation import check_add_relu, check_conv, check_preact, check_types, pair
 
-# When True, outputs are filled with NaN before a backend writes them, so an element a kernel
-# forgets to write shows up as NaN downstream. For tests and debugging; it costs a fill per op.
-POISON_OUTPUTS = False
+
+def _by_composite(*tensors: Tensor | None) -> bool:
+    """Whether the call runs under a transform our ops have no rule for: forward-mode AD (its dual
+    tensors, or torch.func.jvp) and the other torch.func transforms (vmap, grad, jvp). Then the op is
+    computed by the aten ops it stands for, which every transform knows: never a zero tangent."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
 
 
-def _new_output(x: Tensor, shape) -> Tensor:
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    if POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
+# Cast weights and biases for autocast, kept per source tensor (a new cast each call would also be a
+# new tensor for the backends' caches of packed weights to pack again).
+_autocast_copies = DerivedWeights(per_weight=2)
+
+
+def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple:
+    """The op's tensors as autocast casts a convolution's: in an autocast region of x's device type,
+    every floating tensor but a float64 one in the autocast dtype (eager's conv2d is on autocast's
+    lower-precision list on the CPU and on CUDA); unchanged elsewhere."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: Tensor | None, kept: bool) -> Tensor | None:
+        if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+            return t
+        if kept and isinstance(t, torch.nn.Parameter) and not torch.is_grad_enabled():
+            return _autocast_copies.get(t, dtype, lambda: t.detach().to(dtype))
+        return t.to(dtype)
+
+    # A region's casts are not recorded for autograd on the parameters' side when no gradient is taken.
+    return (cast(x, False), *(cast(t, True) for t in tensors))
 
 
 def _plain_eager_call(*tensors: Tensor | None) -> bool:
@@ -58,63 +83,38 @@ def _plain_eager_call(*tensors: Tensor | None) -> bool:
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
-
-def _channels_last_strides(shape) -> tuple[int, ...]:
-    n, c, h, w = shape
-    return (h * w * c, 1, w * c, c)
-
-
-def _shares_memory(a: Tensor, b: Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
-# Validated calls: the output shape and the dilation as the backends get it, by the call's metadata
+# Validated calls: the output shape and the call as the backends get it, by the call's metadata
 # (shapes, strides, dtypes, devices, arguments), on which the checks depend alone. A layer called
 # again skips them.
 _validated: dict[tuple, tuple] = {}
 MAX_VALIDATED = 4096  # more distinct calls than any model makes; inputs of ever-new sizes start afresh
 
 
-def _metadata(t: Tensor | None) -> tuple | None:
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.layout)
+def _effective_dilation(weight: Tensor, dilation: Sequence[int]) -> tuple[int, ...]:
+    """Dilation along a kernel axis of size 1 changes nothing, and oneDNN's bfloat16 channels_last conv
+    crashes on some such shapes (eager F.conv2d as well): every backend gets it as 1."""
+    return tuple(1 if k == 1 else d for k, d in zip(weight.shape[2:], dilation))
 
 
-def _validate_conv(x, weight, bias, residual, stride, padding, dilation, groups, backend) -> tuple:
-    """(output shape, dilation as the backends get it) for a conv call, or the exception it deserves."""
-    key = (
-        _metadata(x), _metadata(weight), _metadata(bias), _metadata(residual),
-        tuple(stride), tuple(padding), tuple(dilation), groups, backend,
-    )  # fmt: skip
+def _validated_call(call: ConvCall, backend: str) -> tuple[ConvCall, tuple]:
+    """(the call as the backends get it, its output shape), or the exception the call deserves."""
+    key = (call.key, backend)
     validated = _validated.get(key)
     if validated is None:
         backends.check_name(backend)
-        shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
-        dilation = _effective_dilation(weight, dilation)
+        check = check_preact if call.preact else check_conv
+        shape = check(call)
+        call_for_backends = call.replace(dilation=_effective_dilation(call.weight, call.dilation))
         if len(_validated) >= MAX_VALIDATED:
             _validated.clear()
-        validated = _validated[key] = (shape, dilation)
-    return validated
+        validated = _validated[key] = (call_for_backends.dilation, shape)
+    dilation, shape = validated
+    return (call if dilation == call.dilation else call.replace(dilation=dilation)), shape
 
 
-def _run_conv2d_bias_act(
-    x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, residual_writable=False
-) -> Tensor:
-    """The op's computation (its arguments as in _compute_conv2d_bias_act), for one backend's call."""
-    shape, dilation = _validate_conv(x, weight, bias, residual, stride, padding, dilation, groups, backend)
-    if 0 in shape:
-        return _new_output(x, shape)
-    chosen = backends.select_conv(backend, x, weight, bias, residual, stride, padding, dilation, groups, relu, shape)
-    if (
-        residual_writable
-        and getattr(chosen, "WRITES_INTO_RESIDUAL", False)
-        and residual.stride() == _channels_last_strides(shape)
-        and not _shares_memory(residual, x)
-    ):
-        out = residual  # a new output's pages would be faulted in afresh on each call; the residual's are warm
-    else:
-        out = backends.preallocated(chosen, lambda: _new_output(x, shape))
-    result = chosen.conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    return _as_output(result, out, x, shape)
+def _run_conv2d_bias_act(call: ConvCall, backend: str, residual_writable: bool = False) -> Tensor:
+    call, shape = _validated_call(call, backend)
+    return dispatch.conv2d_bias_act(call, shape, backend, residual_writable)
 
 
 def _compute_conv2d_bias_act(
@@ -129,23 +129,7 @@ def _compute_conv2d_bias_act(
     relu: bool,
     backend: str,
 ) -> Tensor:
-    return _run_conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
-
-
-def _effective_dilation(weight: Tensor, dilation: Sequence[int]) -> list[int]:
-    """Dilation along a kernel axis of size 1 changes nothing, and oneDNN's bfloat16 channels_last conv
-    crashes on some such shapes (eager F.conv2d as well): every backend gets it as 1."""
-    return [1 if k == 1 else d for k, d in zip(weight.shape[2:], dilation)]
-
-
-def _as_output(result: Tensor | None, out: Tensor | None, x: Tensor, shape) -> Tensor:
-    """What a backend computed, as the op's channels_last output of `shape`: `out` when the backend
-    wrote it, the backend's own tensor when it is channels_last, else a channels_last copy of it."""
-    if result is None or result is out:
-        return out
-    if result.stride() == _channels_last_strides(shape):
-        return result
-    return (_new_output(x, shape) if out is None else out).copy_(result)
+    return _run_conv2d_bias_act(ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, relu), backend)
 
 
 _conv2d_bias_act = torch.library.custom_op("fused_resnet::conv2d_bias_act", mutates_args=())(_compute_conv2d_bias_act)
@@ -154,37 +138,17 @@ _conv2d_bias_act = torch.library.custom_op("fused_resnet::conv2d_bias_act", muta
 @_conv2d_bias_act.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
     backends.check_name(backend)
-    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+    shape = check_conv(ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, relu))
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 def _conv_setup_context(ctx, inputs, output):
     x, weight, bias, residual, stride, padding, dilation, groups, relu, _ = inputs
-    ctx.save_for_backward(x, weight, output if relu else None)
-    ctx.conv_args = (stride, padding, dilation, groups)
-    ctx.has_bias = bias is not None
-    ctx.has_residual = residual is not None
+    derivatives.conv_setup_context(ctx, x, weight, bias, residual, stride, padding, dilation, groups, relu, output)
 
 
 def _conv_backward(ctx, grad):
-    x, weight, output = ctx.saved_tensors
-    if output is not None:
-        grad = grad * (output > 0)
-    return (*_conv_backward_from(ctx, grad, x, weight), None, None, None, None, None, None)
-
-
-def _conv_backward_from(ctx, grad, x, weight) -> tuple:
-    """The gradients of x, weight, bias and residual, given the gradient of conv2d(x, weight) + bias + residual."""
-    stride, padding, dilation, groups = ctx.conv_args
-    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    grad_x = grad_w = None
-    if need_x or need_w:
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
-        )
-    grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
-    grad_r = grad if ctx.has_residual and need_r else None
-    return grad_x, grad_w, grad_b, grad_r
+    return (*derivatives.conv_backward(ctx, grad), None, None, None, None, None, None)
 
 
 _conv2d_bias_act.register_autograd(_conv_backward, setup_context=_conv_setup_context)
@@ -203,19 +167,9 @@ def _compute_conv2d_preact(
     groups: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    backends.check_name(backend)
-    shape = check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
-    out_preact = _new_output(x, shape)
-    if out_preact.numel() == 0:
-        return _new_output(x, shape), out_preact
-    dilation = _effective_dilation(weight, dilation)
-    args = (x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
-    chosen = backends.select_preact(backend, *args, out_preact)
-    out = backends.preallocated(chosen, lambda: _new_output(x, shape))
-    result = chosen.conv2d_preact(out, out_preact, *args)
-    if result is None:
-        return out, out_preact
-    return _as_output(result[0], out, x, shape), _as_output(result[1], out_preact, x, shape)
+    call = ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, False, scale, shift)
+    call, shape = _validated_call(call, backend)
+    return dispatch.conv2d_preact(call, shape, backend)
 
 
 _conv2d_preact = torch.library.custom_op("fused_resnet::conv2d_preact", mutates_args=())(_compute_conv2d_preact)
@@ -224,28 +178,17 @@ _conv2d_preact = torch.library.custom_op("fused_resnet::conv2d_preact", mutates_
 @_conv2d_preact.register_fake
 def _(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, backend):
     backends.check_name(backend)
-    shape = check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+    shape = check_preact(ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, False, scale, shift))
     return tuple(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last) for _ in "yz")
 
 
 def _preact_setup_context(ctx, inputs, output):
     x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, _ = inputs
-    ctx.save_for_backward(x, weight, scale, *output)
-    ctx.conv_args = (stride, padding, dilation, groups)
-    ctx.has_bias = bias is not None
-    ctx.has_residual = residual is not None
+    derivatives.preact_setup_context(ctx, x, weight, bias, residual, scale, stride, padding, dilation, groups, output)
 
 
 def _preact_backward(ctx, grad_y, grad_z):
-    x, weight, scale, y, z = ctx.saved_tensors
-    # Through z = relu(y * scale + shift): where z > 0 its gradient reaches y (times scale), scale and shift.
-    grad_affine = grad_z * (z > 0)
-    need_scale, need_shift = ctx.needs_input_grad[4:6]
-    grad_scale = (grad_affine * y).sum((0, 2, 3)) if need_scale else None
-    grad_shift = grad_affine.sum((0, 2, 3)) if need_shift else None
-    grad = grad_y + grad_affine * scale[:, None, None]
-    grad_x, grad_w, grad_b, grad_r = _conv_backward_from(ctx, grad, x, weight)
-    return grad_x, grad_w, grad_b, grad_r, grad_scale, grad_shift, None, None, None, None, None
+    return (*derivatives.preact_backward(ctx, grad_y, grad_z), None, None, None, None, None)
 
 
 _conv2d_preact.register_autograd(_preact_backward, setup_context=_preact_setup_context)
@@ -254,12 +197,7 @@ _conv2d_preact.register_autograd(_preact_backward, setup_context=_preact_setup_c
 def _compute_add_relu(x: Tensor, y: Tensor, backend: str) -> Tensor:
     backends.check_name(backend)
     check_add_relu(x, y)
-    out = torch.empty_like(x)
-    if POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    if out.numel():
-        backends.select_add_relu(backend, x, y).add_relu(out, x, y)
-    return out
+    return dispatch.add_relu(AddReluCall(x, y), backend)
 
 
 _add_relu = torch.library.custom_op("fused_resnet::add_relu", mutates_args=())(_compute_add_relu)
@@ -273,13 +211,11 @@ def _(x, y, backend):
 
 
 def _add_relu_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output)
+    derivatives.add_relu_setup_context(ctx, output)
 
 
 def _add_relu_backward(ctx, grad):
-    (output,) = ctx.saved_tensors
-    grad = grad * (output > 0)
-    return grad, grad, None
+    return (*derivatives.add_relu_backward(ctx, grad), None)
 
 
 _add_relu.register_autograd(_add_relu_backward, setup_context=_add_relu_setup_context)
@@ -302,22 +238,25 @@ def conv2d_bias_act(
     """act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual), act = ReLU if `relu`.
 
     `x` may be NCHW or channels_last with any strides; the result is channels_last.
-    `backend` is "torch", "triton", "cuda", "cudnn", "onednn" or "auto", or backends.verified(name) to check the
-    named backend's result on each layer's first call.
+    `backend` is one of fused_resnet.backends.NAMES ("cuda", "triton", "cudnn", "onednn", "torch") or
+    "auto", or backends.verified(name) to check the named backend's result on each layer's first call.
     `residual_writable=True` says the caller will not read `residual` again: in a plain eager call a
     backend may then write the result over it (the oneDNN backend does), instead of into new memory.
     """
     check_types(
         dict(x=x, weight=weight), dict(bias=bias, residual=residual),
         groups=groups, relu=relu, backend=backend, residual_writable=residual_writable,
-    )  # fmt: skip
-    args = (
-        x, weight, bias, residual, pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"),
-        groups, relu, backend,
-    )  # fmt: skip
+    )
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    x, weight, bias, residual = _autocast(x, weight, bias, residual)
+    if _by_composite(x, weight, bias, residual):
+        call = ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        check_conv(call)
+        return reference.conv2d_bias_act(None, call)
     if _plain_eager_call(x, weight, bias, residual):
-        return _run_conv2d_bias_act(*args, residual_writable=residual_writable and residual is not None)
-    return _conv2d_bias_act(*args)
+        call = ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        return _run_conv2d_bias_act(call, backend, residual_writable=residual_writable and residual is not None)
+    return _conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
 
 
 def conv2d_preact(
@@ -343,23 +282,29 @@ def conv2d_preact(
     """
     check_types(dict(x=x, weight=weight, scale=scale, shift=shift), dict(bias=bias, residual=residual),
                 groups=groups, backend=backend)
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    x, weight, bias, residual, scale, shift = _autocast(x, weight, bias, residual, scale, shift)
+    if _by_composite(x, weight, bias, residual, scale, shift):
+        call = ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, False, scale, shift)
+        check_preact(call)
+        return reference.conv2d_preact(None, None, call)
     op = _compute_conv2d_preact if _plain_eager_call(x, weight, bias, residual, scale, shift) else _conv2d_preact
-    return op(
-        x,
-        weight,
-        bias,
-        residual,
-        scale,
-        shift,
-        pair(stride, "stride"),
-        pair(padding, "padding"),
-        pair(dilation, "dilation"),
-        groups,
-        backend,
-    )
+    return op(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, backend)
 
 
 def add_relu(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor:
     """relu(x + y) for two tensors of one shape, dtype and device."""
     check_types(dict(x=x, y=y), backend=backend)
+    if _by_composite(x, y):
+        check_add_relu(x, y)
+        return torch.relu(x + y)
     return (_compute_add_relu if _plain_eager_call(x, y) else _add_relu)(x, y, backend)
+
+
+
+def forget(tensors) -> None:
+    """Drops what the ops and the backends keep derived from these tensors (autocast casts, packed weights)."""
+    tensors = list(tensors)
+    for tensor in tensors:
+        _autocast_copies.forget(tensor)
+    dispatch.forget(tensors)

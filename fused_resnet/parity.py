@@ -1,4 +1,4 @@
-"""The numerical parity rule (DESIGN.md), shared by the tests and the command line.
+"""The numerical parity rule (docs/design.md), shared by the tests and the command line.
 
 A result in a low precision passes when its error against a float64 reference is at most twice the
 error of eager PyTorch in the same dtype on the same input, plus a floor relative to max|ref|.

@@ -13,21 +13,21 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
-import fused_resnet as fr
-
 from . import backends
+from .convert import fuse
+from .cuda_graph import CUDAGraphModule
 
 EAGER = ("eager NCHW", "eager channels_last", "torch.fx fold")
 COMPILED = ("compile default", "compile freezing", "compile max-autotune+freezing", "compile reduce-overhead")
-OURS = ("ours torch", "ours triton", "ours cuda", "ours onednn", "ours auto", "ours auto + CUDA graph")
-ALL = (*EAGER, *COMPILED, "cudnn fused", *OURS)
+# One peer per backend (fr.fuse with that backend), named by the backends' own list, then "auto".
+_BACKEND_OF = {**{b.peer_name: b.name for b in backends.BACKENDS}, "ours auto": "auto"}
+OURS = (*(name for name in _BACKEND_OF if name.startswith("ours")), "ours auto + CUDA graph")
+LIBRARY = tuple(name for name in _BACKEND_OF if not name.startswith("ours"))  # "cudnn fused"
+ALL = (*EAGER, *COMPILED, *LIBRARY, *OURS)
 # The CPU comparison: eager, BN folded by torch.fx, Inductor with freezing (which runs the same oneDNN
 # primitives as our CPU backend, after a compile step) and without, and ours. Freezing comes first so
 # that its compile time is measured on cold caches, not on kernels the other compiled peer left.
 CPU = ("eager NCHW", "eager channels_last", "torch.fx fold", "compile freezing", "compile default", "ours auto")
-_BACKEND_OF = {
-    "cudnn fused": "cudnn", "ours torch": "torch", "ours triton": "triton", "ours cuda": "cuda", "ours onednn": "onednn", "ours auto": "auto",
-}  # fmt: skip
 
 
 def _compiled(model: nn.Module, mode: str, freezing: bool = False) -> Callable:
@@ -99,9 +99,9 @@ def build(name: str, model: nn.Module, dtype: torch.dtype) -> Callable:
     if name == "compile reduce-overhead":
         return _compiled(channels_last, "reduce-overhead")
     if name == "ours auto + CUDA graph":
-        return fr.CUDAGraphModule(fr.fuse(model, backend="auto"))
+        return CUDAGraphModule(fuse(model, backend="auto"))
     if name == "cudnn fused":
-        return _with_cudnn_autotuner(fr.fuse(model, backend="cudnn"))
+        return _with_cudnn_autotuner(fuse(model, backend="cudnn"))
     if name in _BACKEND_OF:
-        return fr.fuse(model, backend=_BACKEND_OF[name])
+        return fuse(model, backend=_BACKEND_OF[name])
     raise ValueError(f"unknown peer {name!r}; known: {', '.join(ALL)}")

@@ -1,11 +1,12 @@
 """Checking a backend's result for one layer against the reference backend, under the parity rule.
 
 A kernel that is wrong on the user's GPU (CI has no GPU: the kernels are compiled and inspected
-there, never run) must not change the model's function silently. Before a backend is trusted with a layer, its output on the
-layer's real inputs is compared with the reference backend's: computed in float64 for the reference,
-and in the layer's own dtype for "eager PyTorch", whose error sets the bound (fused_resnet.parity).
-The reference in the layer's dtype is exactly what eager PyTorch computes for that layer, so the
-bound is eager's error on this very layer, not a tolerance guessed in advance.
+there, never run) must not change the model's function silently. Before a backend is trusted with a
+layer, its output on the layer's real inputs is compared with the reference backend's: computed in
+float64 for the reference, and in the layer's own dtype for "eager PyTorch", whose error sets the
+bound (fused_resnet.parity). The reference in the layer's dtype is exactly what eager PyTorch
+computes for that layer, so the bound is eager's error on this very layer, not a tolerance guessed
+in advance.
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ import torch
 from torch import Tensor
 
 from .backends import reference
+from .call import AddReluCall, ConvCall
 from .parity import parity
 
 
-def _checker(compute: Callable[..., Tensor], inputs: tuple[Tensor | None, ...]) -> Callable[[Tensor], str | None]:
-    """A function saying why an output standing for `compute(*inputs)` is wrong (None when it passes).
+def _checker(compute: Callable[[object], Tensor], call) -> Callable[[Tensor], str | None]:
+    """A function saying why an output standing for `compute(call)` is wrong (None when it passes).
 
     Both references are computed on its first call and kept for the next (one per candidate backend).
     """
 
     @functools.cache
     def references() -> tuple[Tensor, Tensor]:
-        eager = compute(*inputs)
-        return eager, compute(*(None if t is None else t.to(torch.float64) for t in inputs))
+        return compute(call), compute(call.in_dtype(torch.float64))
 
     def disagreement(output: Tensor) -> str | None:
         result = parity(output, *references())
@@ -38,24 +39,20 @@ def _checker(compute: Callable[..., Tensor], inputs: tuple[Tensor | None, ...]) 
     return disagreement
 
 
-def conv_checker(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Callable[[Tensor], str | None]:
-    """The check of a conv2d_bias_act output for these arguments."""
-
-    def compute(x, weight, bias, residual):
-        return reference.conv2d_bias_act(None, x, weight, bias, residual, stride, padding, dilation, groups, relu)
-
-    return _checker(compute, (x, weight, bias, residual))
+def conv_checker(call: ConvCall) -> Callable[[Tensor], str | None]:
+    """The check of a conv2d_bias_act output for this call."""
+    return _checker(lambda c: reference.conv2d_bias_act(None, c), call)
 
 
-def add_relu_checker(x, y) -> Callable[[Tensor], str | None]:
+def add_relu_checker(call: AddReluCall) -> Callable[[Tensor], str | None]:
     """The check of an add_relu(x, y) output."""
 
-    def compute(x, y):
-        out = torch.empty_like(x)
-        reference.add_relu(out, x, y)
+    def compute(c: AddReluCall) -> Tensor:
+        out = torch.empty_like(c.x)
+        reference.add_relu(out, c.x, c.y)
         return out
 
-    return _checker(compute, (x, y))
+    return _checker(compute, call)
 
 
 def both_outputs(y: Tensor, z: Tensor) -> Tensor:
@@ -63,11 +60,6 @@ def both_outputs(y: Tensor, z: Tensor) -> Tensor:
     return torch.stack((y, z))
 
 
-def preact_checker(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups) -> Callable[[Tensor], str | None]:
+def preact_checker(call: ConvCall) -> Callable[[Tensor], str | None]:
     """The check of conv2d_preact's outputs, given as both_outputs(y, z)."""
-
-    def compute(x, weight, bias, residual, scale, shift):
-        y, z = reference.conv2d_preact(None, None, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
-        return both_outputs(y, z)
-
-    return _checker(compute, (x, weight, bias, residual, scale, shift))
+    return _checker(lambda c: both_outputs(*reference.conv2d_preact(None, None, c)), call)

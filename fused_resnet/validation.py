@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .call import ConvCall
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_NAMES = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
 
@@ -77,8 +79,10 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def check_conv(x, weight, bias, residual, stride, padding, dilation, groups) -> tuple[int, int, int, int]:
+def check_conv(call: ConvCall) -> tuple[int, int, int, int]:
     """Validates a conv2d_bias_act call and returns the output shape (N, Cout, OH, OW)."""
+    x, weight, bias, residual = call.x, call.weight, call.bias, call.residual
+    stride, padding, dilation, groups = call.conv_arguments
     _check_tensor(x, "x")
     _check_tensor(weight, "weight", like=x)
     if x.dim() != 4:
@@ -130,12 +134,12 @@ def check_conv(x, weight, bias, residual, stride, padding, dilation, groups) -> 
     return n, cout, oh, ow
 
 
-def check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups) -> tuple[int, int, int, int]:
+def check_preact(call: ConvCall) -> tuple[int, int, int, int]:
     """Validates a conv2d_preact call (check_conv, and the pre-activation's per-channel affine map) and
     returns the shape of both outputs."""
-    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
-    for name, t in (("scale", scale), ("shift", shift)):
-        _check_tensor(t, name, like=x)
+    shape = check_conv(call)
+    for name, t in (("scale", call.scale), ("shift", call.shift)):
+        _check_tensor(t, name, like=call.x)
         if tuple(t.shape) != (shape[1],):
             raise ValueError(f"{name} must have shape ({shape[1]},), one value per output channel, got {tuple(t.shape)}")
     return shape

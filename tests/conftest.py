@@ -11,12 +11,9 @@ if not torch.cuda.is_available():
 # in the processes the tests start: a test that names a backend tests that backend.
 os.environ.setdefault("FUSED_RESNET_STRICT", "1")
 
-import contextlib  # noqa: E402
-
 import pytest  # noqa: E402
 
-from fused_resnet import backends  # noqa: E402
-from fused_resnet.parity import randomize_bn_  # noqa: E402
+from fused_resnet import dispatch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -34,8 +31,14 @@ def pytest_collection_modifyitems(config, items):
 def fallback_allowed(monkeypatch):
     """For the tests of the fallback itself: a named backend may hand a case to the reference, and
     each reason warns again (once per test)."""
-    monkeypatch.setattr(backends, "STRICT", False)
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(dispatch, "STRICT", False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Outputs start as NaN (dispatch.POISON_OUTPUTS), so an element a kernel forgets to write shows."""
+    monkeypatch.setattr(dispatch, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture
@@ -45,7 +48,7 @@ def served_by():
 
     @contextlib.contextmanager
     def check(name: str):
-        with backends.record_serving() as served:
+        with dispatch.record_serving() as served:
             yield served
         assert served, f"no fused op was computed in the block (expected backend {name!r})"
         assert set(served) == {name}, f"expected backend {name!r} to compute every op, got {served}"
@@ -56,12 +59,6 @@ def served_by():
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
-
-
-def build_model(constructor, generator=None, **kwargs):
-    """A torchvision model in eval mode with randomised BatchNorm statistics."""
-    model = constructor(**kwargs).eval()
-    return randomize_bn_(model, generator)
 
 
 class CurrentCUDADevice:

@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from fused_resnet.call import ConvCall
 from fused_resnet import autotune, backends
 
 
@@ -95,7 +96,7 @@ def test_cuda_backend_measures_its_kernels_once_per_layer(tuner, monkeypatch):
     monkeypatch.setattr(cuda, "CONV_CONFIGS", ("optimized_big", "optimized_small", "few_channels_stem"))
     # Which kernels serve a layer is the extension's rule (tests/test_cuda_kernel_choice.py): here,
     # the few-channels kernel serves inputs with at most 8 channels.
-    monkeypatch.setattr(cuda, "_serving_configs", lambda x, *conv: [0, 1] + ([2] if x.shape[1] <= 8 else []))
+    monkeypatch.setattr(cuda, "_serving_configs", lambda call: [0, 1] + ([2] if call.x.shape[1] <= 8 else []))
     monkeypatch.setattr(cuda, "_config_choice", {})
     launched = []
     monkeypatch.setattr(cuda, "_launch", lambda out, *args: launched.append(args[-1]))
@@ -110,13 +111,13 @@ def test_cuda_backend_measures_its_kernels_once_per_layer(tuner, monkeypatch):
     def conv(channels):
         x, weight = torch.randn(2, channels, 5, 5), torch.randn(8, channels, 3, 3)
         out = torch.empty(2, 8, 3, 3)
-        cuda.conv2d_bias_act(out, x, weight, None, None, [1, 1], [0, 0], [1, 1], 1, True)
+        cuda.conv2d_bias_act(out, ConvCall.of(x, weight))
 
     conv(64)  # the few-channels kernel does not serve 64 channels
     assert launched == [-1, 0, 1, 1]
     x, weight = torch.randn(2, 64, 5, 5), torch.randn(8, 64, 3, 3)
-    assert cuda.chosen_kernel(x, weight, None, None, [1, 1], [0, 0], [1, 1], True) == "optimized_small"
-    assert cuda.chosen_kernel(x, weight, None, None, [1, 1], [0, 0], [1, 1], False) is None  # never run
+    assert cuda.chosen_kernel(ConvCall.of(x, cuda._krsc(weight))) == "optimized_small"
+    assert cuda.chosen_kernel(ConvCall.of(x, cuda._krsc(weight), relu=False)) is None  # never run
     launched.clear()
     conv(64)
     assert launched == [1]  # remembered: no measurement

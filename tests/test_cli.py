@@ -126,8 +126,8 @@ def test_a_dtype_the_backend_does_not_compute_is_a_misuse(capsys, monkeypatch, n
     reference = backends.get("torch")
     original = reference.conv_unsupported_reason
 
-    def no_float16(x, *args):
-        return "no float16 here" if x.dtype == torch.float16 else original(x, *args)
+    def no_float16(call):
+        return "no float16 here" if call.x.dtype == torch.float16 else original(call)
 
     monkeypatch.setattr(reference, "conv_unsupported_reason", no_float16)
     err = _misuse(["run", "--backend", "torch", "--dtype", "float16", "--device", "cpu"], capsys)

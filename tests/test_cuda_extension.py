@@ -3,7 +3,7 @@
 Without a GPU (CI): the extension imports, every fused_resnet_C op has its schema and kernels, the
 CPU add_relu is exact, opcheck passes on it, the fake impls give the right metadata for CUDA
 tensors, and the sm_80 and sm_90 machine code uses tensor cores. With a GPU (`-m gpu`): the
-CUTLASS convs and the CUDA add_relu against float64 references, with the parity rule of DESIGN.md.
+CUTLASS convs and the CUDA add_relu against float64 references, with the parity rule of docs/design.md.
 """
 
 import os
@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fused_resnet import backends, ops
+from fused_resnet import dispatch, ops
+from fused_resnet.call import ConvCall
 from fused_resnet.backends import cuda as cuda_backend
 from fused_resnet.parity import FLOORS, parity
+from helpers import eager_conv, reference_conv
 
 pytestmark = pytest.mark.skipif(
     cuda_backend._C is None, reason=f"fused_resnet._C is not built: {cuda_backend._LOAD_ERROR}"
@@ -30,28 +32,8 @@ NEEDS_CONV = pytest.mark.skipif(
 )
 
 
-class Reference:
-    """What the ops compute, in float64."""
-
-    @staticmethod
-    def conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, relu):
-        f64 = lambda t: None if t is None else t.double()  # noqa: E731
-        y = F.conv2d(f64(x), f64(weight), f64(bias), stride, padding, dilation)
-        if residual is not None:
-            y = y + f64(residual)
-        return y.relu() if relu else y
-
-    @staticmethod
-    def eager_conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, relu):
-        """Unfused eager PyTorch in the inputs' own dtype: the baseline of the parity rule."""
-        y = F.conv2d(x, weight, bias, stride, padding, dilation)
-        if residual is not None:
-            y = y + residual
-        return y.relu() if relu else y
-
-    @staticmethod
-    def add_relu(x, y):
-        return torch.relu(x + y)
+def add_relu_reference(x, y):
+    return torch.relu(x + y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +140,7 @@ def _add_relu_inputs(dtype, shape, layout, generator, device="cpu"):
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (4, 16, 9, 9)])
 def test_add_relu_cpu(dtype, layout, shape, generator):
     x, y = _add_relu_inputs(dtype, shape, layout, generator)
-    expected = Reference.add_relu(x, y)
+    expected = add_relu_reference(x, y)
     torch.testing.assert_close(C_OPS.add_relu(x, y), expected, rtol=0, atol=0, equal_nan=True)
 
     out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
@@ -279,7 +261,7 @@ def test_add_relu_out_runs_without_grad_mode(generator):
     out = torch.empty(1, 8, 5, 5)
     with torch.no_grad():
         C_OPS.add_relu_out(x, y, out)
-    torch.testing.assert_close(out, Reference.add_relu(x.detach(), y), rtol=0, atol=0)
+    torch.testing.assert_close(out, add_relu_reference(x.detach(), y), rtol=0, atol=0)
 
 
 @NEEDS_CONV
@@ -290,7 +272,7 @@ def test_conv_derivative(relu, generator):
     (Fake CUDA tensors cannot run backward: the autograd engine needs a driver for CUDA devices.)"""
     library = torch.library.Library("fused_resnet_C", "IMPL")
     try:
-        library.impl("conv2d_bias_act", lambda x, w, b, r, s, p, d, act, config=-1: Reference.conv2d_bias_act(x, w, b, r, s, p, d, act), "CPU")
+        library.impl("conv2d_bias_act", lambda x, w, b, r, s, p, d, act, config=-1: reference_conv(x, w, b, r, s, p, d, relu=act), "CPU")
         x = torch.randn(2, 3, 7, 6, generator=generator, dtype=torch.float64, requires_grad=True)
         weight = torch.randn(4, 3, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
         bias = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -329,7 +311,7 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
 def test_conv_unsupported_reasons(dtype, cout, cin, kernel, groups, reason):
     x = torch.empty(1, cin * groups, 40, 40, dtype=dtype)
     weight = torch.empty(cout, cin, kernel, kernel, dtype=dtype)
-    got = cuda_backend.conv_unsupported_reason(x, weight, None, None, [1, 1], [1, 1], [1, 1], groups)
+    got = cuda_backend.conv_unsupported_reason(ConvCall.of(x, weight, None, None, 1, 1, 1, groups))
     assert got is not None and reason in got
 
 
@@ -477,8 +459,8 @@ def _conv_inputs(layer, batch, dtype, bias=True, residual=True, seed=0):
 
 def _assert_parity(out, x, weight, bias, residual, conv, relu):
     assert torch.isfinite(out).all(), "NaN or Inf in the output: an element was not written, or overflowed"
-    ref = Reference.conv2d_bias_act(x, weight, bias, residual, relu=relu, **conv)
-    eager = Reference.eager_conv2d_bias_act(x, weight, bias, residual, relu=relu, **conv)
+    ref = reference_conv(x, weight, bias, residual, relu=relu, **conv)
+    eager = eager_conv(x, weight, bias, residual, relu=relu, **conv)
     result = parity(out, eager, ref)
     assert result.ok, str(result)
 
@@ -489,11 +471,10 @@ def _assert_parity(out, x, weight, bias, residual, conv, relu):
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("epilogue", sorted(EPILOGUES))
 @pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_conv2d_bias_act_cuda(layer, epilogue, batch, dtype, monkeypatch, served_by):
+def test_conv2d_bias_act_cuda(poisoned_outputs, layer, epilogue, batch, dtype, monkeypatch, served_by):
     has_bias, has_residual, relu = EPILOGUES[epilogue]
     x, weight, bias, residual, conv = _conv_inputs(layer, batch, dtype, has_bias, has_residual)
-    assert cuda_backend.conv_unsupported_reason(x, weight, bias, residual, groups=1, **conv) is None
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)  # outputs start as NaN
+    assert cuda_backend.conv_unsupported_reason(ConvCall.of(x, weight, bias, residual, groups=1, **conv)) is None
     with served_by("cuda"):
         out = ops.conv2d_bias_act(x, weight, bias, residual, relu=relu, backend="cuda", **conv)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -592,7 +573,7 @@ def test_unsupported_conv_falls_back_with_a_warning(dtype, cout, groups, reason,
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 accuracy is what is compared
     x = torch.randn(2, 32, 14, 14, device="cuda", dtype=dtype)
     weight = torch.randn(cout, 32 // groups, 3, 3, device="cuda", dtype=dtype) / 17
-    with pytest.warns(UserWarning, match=reason), backends.record_serving() as served:
+    with pytest.warns(UserWarning, match=reason), dispatch.record_serving() as served:
         out = ops.conv2d_bias_act(x, weight, padding=1, groups=groups, backend="cuda")
     assert served == ["torch"]
     eager = F.conv2d(x, weight, padding=1, groups=groups).relu()
@@ -630,7 +611,7 @@ def test_add_relu_cuda_flat(dtype, numel, offsets):
     x[numel // 2] = float("nan")
     out.fill_(float("nan"))
     C_OPS.add_relu_out(x, y, out)
-    expected = Reference.add_relu(x, y)
+    expected = add_relu_reference(x, y)
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(out).sum() == 1
 
@@ -640,13 +621,13 @@ def test_add_relu_cuda_flat(dtype, numel, offsets):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "strided"])
 def test_add_relu_cuda_layouts(dtype, layout, served_by):
     x, y = _add_relu_inputs(dtype, (3, 24, 7, 9), layout, torch.Generator().manual_seed(1), device="cuda")
-    torch.testing.assert_close(C_OPS.add_relu(x, y), Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(C_OPS.add_relu(x, y), add_relu_reference(x, y), rtol=0, atol=0, equal_nan=True)
     with served_by("cuda"):
         out = ops.add_relu(x, y, backend="cuda")
-    torch.testing.assert_close(out, Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out, add_relu_reference(x, y), rtol=0, atol=0, equal_nan=True)
     out = torch.full((3, 24, 7, 18), float("nan"), dtype=dtype, device="cuda")[..., ::2]  # not dense
     C_OPS.add_relu_out(x, y, out)
-    torch.testing.assert_close(out, Reference.add_relu(x, y), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out, add_relu_reference(x, y), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.gpu
@@ -655,7 +636,7 @@ def test_add_relu_cuda_in_place(into):
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(3, 64, 33, 17, generator=g, device="cuda", dtype=torch.float16)
     y = torch.randn(3, 64, 33, 17, generator=g, device="cuda", dtype=torch.float16)
-    expected = Reference.add_relu(x, y)
+    expected = add_relu_reference(x, y)
     out = x if into == "x" else y
     C_OPS.add_relu_out(x, y, out)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -677,7 +658,7 @@ def test_conv_gradients_cuda():
     f64 = [t.double().requires_grad_() for t in (x, weight, bias, residual)]
     half = [t.half().requires_grad_() for t in (x, weight, bias, residual)]
     out = C_OPS.conv2d_bias_act(*half, conv["stride"], conv["padding"], conv["dilation"], True)
-    ref = Reference.conv2d_bias_act(*f64, relu=True, **conv)
+    ref = reference_conv(*f64, relu=True, **conv)
     grad = torch.randn_like(ref)
     for got, want in zip(torch.autograd.grad(out, half, grad.half()), torch.autograd.grad(ref, f64, grad)):
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

@@ -72,7 +72,7 @@ def test_capture_and_replay_happen_on_the_input_device(monkeypatch, current_cuda
     for name, value in dict(
         Stream=Stream, stream=use_stream, graph=graph, CUDAGraph=CUDAGraph,
         current_stream=lambda device=None: Stream(device), graph_pool_handle=lambda: object(),
-    ).items():  # fmt: skip
+    ).items():
         monkeypatch.setattr(torch.cuda, name, value)
 
     graphed = fr.CUDAGraphModule(Double(), warmup=2)

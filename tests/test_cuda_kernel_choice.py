@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fused_resnet import backends
+from fused_resnet.call import ConvCall
 from fused_resnet.architectures import ARCHITECTURES, TORCHVISION_RESNETS
 from fused_resnet.backends import cuda
 
@@ -36,7 +37,7 @@ def _query(dtype, x_size, weight_size, stride=(1, 1), padding=(0, 0), dilation=(
     return C_OPS.conv2d_kernel(
         dtype, list(x_size), list(weight_size), list(stride), list(padding), list(dilation), residual,
         [major, minor], sm_count, config,
-    )  # fmt: skip
+    )
 
 
 def _config(name: str) -> int:
@@ -93,8 +94,9 @@ def test_every_resnet_conv_is_served_as_the_backend_reports(monkeypatch):
                             for i in range(len(cuda.CONV_CONFIGS))
                         ]
                         served = [i for i, (_, why, _) in enumerate(per_kernel) if not why]
-                        reported = cuda.conv_unsupported_reason(x, weight, None, residual, *conv_args, conv.groups)
-                        measured = cuda._serving_configs(x, weight, residual, *conv_args)
+                        call = ConvCall.of(x, weight, None, residual, *conv_args, conv.groups)
+                        reported = cuda.conv_unsupported_reason(call)
+                        measured = cuda._serving_configs(call)
 
                         if conv.groups != 1:
                             if "grouped convolution" not in reason or reported != reason or served or measured:
@@ -112,7 +114,7 @@ def test_every_resnet_conv_is_served_as_the_backend_reports(monkeypatch):
                         hopper_picks += kernel in HOPPER
     print(f"\nconv2d_kernel sweep: {checked} (conv, batch, dtype, GPU) cases "
           f"= {checked // 2} conv x batch x dtype per GPU; Hopper kernel picked in {hopper_picks}; "
-          f"disagreements: {len(disagreements)}")  # fmt: skip
+          f"disagreements: {len(disagreements)}")
     assert not disagreements, disagreements[:5]
     assert checked == 2 * len(BATCHES) * len(DTYPES) * 786  # 786 convs in the ten networks
     assert hopper_picks > 0 or not HOPPER

@@ -152,12 +152,11 @@ def _narrow_blocks():
     return randomize_bn_(blocks.eval(), torch.Generator().manual_seed(0))
 
 
-def test_export_lowered_to_triton_kernels(monkeypatch, tmp_path):
+def test_export_lowered_to_triton_kernels(poisoned_outputs, monkeypatch, tmp_path):
     """lower_to="triton": the fused ops become Triton ops (which AOTInductor compiles into its
     package on CUDA); the program saves, loads and matches at other batch sizes. On the CPU the
     kernels run in Triton's interpreter; outputs are poisoned before the kernels write them."""
     _skip_without_triton("cpu")
-    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
     model = _narrow_blocks()
     fused = fr.fuse(model)
     images = lambda batch: torch.randn(batch, 8, 9, 7, generator=torch.Generator().manual_seed(batch))  # noqa: E731
@@ -171,9 +170,8 @@ def test_export_lowered_to_triton_kernels(monkeypatch, tmp_path):
             assert_matches(loaded(x), fused, model, x)
 
 
-def test_add_relu_lowered_to_triton(monkeypatch):
+def test_add_relu_lowered_to_triton(poisoned_outputs, monkeypatch):
     _skip_without_triton("cpu")
-    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
 
     class AddRelu(nn.Module):
         def forward(self, x, y):
@@ -437,7 +435,7 @@ def test_convert_lowered_aoti_package_on_cuda(lower_to, tmp_path, capsys):
         pytest.skip(reason)
     path = tmp_path / "model.pt2"
     args = ["convert", "--arch", "resnet18", "--image-size", str(SIZE), "--dtype", "float16", "--device", "cuda",
-            "--lower-to", lower_to, "--aoti", "--out", str(path)]  # fmt: skip
+            "--lower-to", lower_to, "--aoti", "--out", str(path)]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "AOTInductor package of " in out and "matches the fused model" in out

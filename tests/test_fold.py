@@ -54,7 +54,7 @@ def test_fold_is_computed_in_float64_then_cast(dtype):
 
 def test_fold_extreme_variances_match_a_float64_fold():
     """1/sqrt(1e-30) = 1e15 times a weight below 1 fits float32, but not if it were computed there:
-    the fold must equal the formula of DESIGN.md evaluated in float64 and rounded once."""
+    the fold must equal the formula of docs/design.md evaluated in float64 and rounded once."""
     conv = nn.Conv2d(4, 4, 1)
     bn = _bn("batchnorm", 4, 0.0)
     with torch.no_grad():

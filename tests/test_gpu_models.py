@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fused_resnet as fr
-from fused_resnet import backends, ops
+from fused_resnet import backends
 from fused_resnet.architectures import ARCHITECTURES, REPRESENTATIVE, build
 from fused_resnet.parity import parity, top1_agreement
 
@@ -38,7 +38,7 @@ CASES = [
     for backend in _backends()
     for dtype in DTYPES
     if _serves_every_layer(backend, arch, dtype)
-]  # fmt: skip
+]
 
 
 def _full_fp32():
@@ -70,8 +70,7 @@ def untuned(monkeypatch):
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("eager, backend, dtype", CASES, indirect=["eager"])
-def test_architecture_parity_on_gpu(eager, backend, dtype, batch, monkeypatch, record_property, served_by):
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
+def test_architecture_parity_on_gpu(poisoned_outputs, eager, backend, dtype, batch, monkeypatch, record_property, served_by):
     model, runs = eager
     x, reference, eager_fp32 = runs[batch]
     with torch.no_grad(), _full_fp32():

@@ -1,7 +1,7 @@
 """fr.fuse beyond plain torchvision ResNets: timm ResNets (B/C/D/T, SE, ECA, ResNeXt, pre-activation v2),
 detection and segmentation models, mobilenet_v2, vgg11_bn, user blocks that subclass torchvision's.
 
-For each model: parity with eager (DESIGN.md's rule, randomised BN, fp32 CPU), the number of batch-norm
+For each model: parity with eager (docs/design.md's rule, randomised BN, fp32 CPU), the number of batch-norm
 operators that still run (0 wherever every BatchNorm directly follows a conv), the input model unchanged.
 """
 
@@ -44,7 +44,7 @@ class SqueezeExcitationBottleneck(Bottleneck):
 MODELS = {
     **{f"timm:{name}": 0 for name in (
         "resnet18", "resnet50", "resnet50c", "resnet50d", "resnet26t", "seresnet50", "ecaresnet50d", "resnext50_32x4d",
-    )},  # fmt: skip
+    )},
     # Each block's first BatchNorm + ReLU acts on the residual stream (after an add, not a conv), as does
     # the final norm: the conv whose epilogue adds that stream writes it as a second output, except for the
     # first block's, which follows the stem's maxpool: 1 of the 17 stays.
@@ -181,7 +181,7 @@ def test_grouped_and_dilated_convs_fold():
     model = randomize_bn_(nn.Sequential(
         nn.Conv2d(12, 12, 3, padding=2, dilation=2, groups=3, bias=False), nn.BatchNorm2d(12), nn.ReLU(inplace=True),
         nn.Conv2d(12, 7, 3, padding=1, groups=1), nn.BatchNorm2d(7),
-    ).eval())  # fmt: skip
+    ).eval())
     fused = fr.fuse(model, backend="torch")
     x = torch.randn(2, 12, 11, 9)
     assert batch_norm_ops(fused, x) == 0
@@ -236,10 +236,9 @@ def test_inspect_names_each_group_and_leaves_the_model_alone():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50d", "resnetv2_50"])
-def test_triton_backend_agrees_under_the_interpreter(name, monkeypatch):
+def test_triton_backend_agrees_under_the_interpreter(poisoned_outputs, name, monkeypatch):
     """Every fused conv of the graph pass runs the Triton kernel (on the CPU through Triton's interpreter,
     which takes minutes per model: the smallest input the model takes, 8x8), each output poisoned first."""
-    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
     model = randomize_bn_(timm.create_model(name, pretrained=False, num_classes=10).eval())
     fused = fr.fuse(model, backend="triton")
     assert all(m.backend == "triton" for m in fused.modules() if isinstance(m, fr.FusedConv2d))

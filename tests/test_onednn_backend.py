@@ -13,28 +13,18 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
 
 import fused_resnet as fr
-from fused_resnet import backends, ops
+from fused_resnet import backends, dispatch, ops
+from fused_resnet.call import ConvCall
 from fused_resnet.architectures import build
 from fused_resnet.export import export_program
 from fused_resnet.parity import parity, relative_error, top1_agreement
+from helpers import eager_conv, reference_conv
 
 pytestmark = pytest.mark.skipif(
     backends.get("onednn").unavailable_reason(torch.device("cpu")) is not None, reason="PyTorch built without oneDNN"
 )
 onednn = backends.get("onednn")
 DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
-
-
-class Reference:
-    """act(conv2d(x, w, b) + residual) by eager PyTorch, every tensor cast to `dtype` first."""
-
-    @staticmethod
-    def conv2d_bias_act(x, weight, bias, residual, dtype, stride, padding, dilation, groups, relu):
-        x, weight, bias, residual = (None if t is None else t.to(dtype) for t in (x, weight, bias, residual))
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        if residual is not None:
-            y = y + residual
-        return y.relu() if relu else y
 
 
 # (C, H, W, Cout, kernel, stride, padding, dilation, groups): each kind of conv in the ten ResNets,
@@ -68,11 +58,10 @@ def make(shape_class, batch, dtype, memory_format, residual, generator):
 @contextlib.contextmanager
 def served_by_onednn(expected_calls=1):
     """Fails when the calls inside did not all run on oneDNN (a fallback would warn or skip the counter)."""
-    before = onednn.calls
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), dispatch.record_serving() as served:
         warnings.simplefilter("error")
         yield
-    assert onednn.calls - before == expected_calls
+    assert served.count("onednn") == expected_calls
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -86,8 +75,8 @@ def test_matches_reference_and_float64(shape_class, residual, relu, memory_forma
         out = ops.conv2d_bias_act(x, weight, bias, r, relu=relu, backend="onednn", **conv)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     reference = ops.conv2d_bias_act(x, weight, bias, r, relu=relu, backend="torch", **conv)
-    eager = Reference.conv2d_bias_act(x, weight, bias, r, dtype, relu=relu, **conv)
-    exact = Reference.conv2d_bias_act(x, weight, bias, r, torch.float64, relu=relu, **conv)
+    eager = eager_conv(x, weight, bias, r, dtype=dtype, relu=relu, **conv)
+    exact = reference_conv(x, weight, bias, r, relu=relu, **conv)
     result = parity(out, eager, exact)
     assert result.ok, str(result)
     assert parity(out, reference, exact).ok
@@ -97,7 +86,7 @@ def test_auto_picks_onednn_on_the_cpu(generator):
     x, weight, bias, r, conv = make("3x3", 2, torch.float32, torch.channels_last, True, generator)
     with served_by_onednn():
         ops.conv2d_bias_act(x, weight, bias, r, backend="auto", **conv)
-    assert backends.select_conv("auto", x, weight, bias, r, [1, 1], [1, 1], [1, 1], 1) is onednn
+    assert dispatch.select(dispatch.CONV, "auto", ConvCall.of(x, weight, bias, r, 1, 1, 1, 1)) is onednn
 
 
 def test_empty_batch_never_reaches_the_backend(generator):
@@ -108,8 +97,7 @@ def test_empty_batch_never_reaches_the_backend(generator):
 
 
 @pytest.mark.parametrize("shape_class", ["3x3 on a 1x1 map", "1x1/2 downsample", "stem 7x7/2, 3 channels"])
-def test_poisoned_outputs_are_fully_written(shape_class, monkeypatch, generator):
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
+def test_poisoned_outputs_are_fully_written(poisoned_outputs, shape_class, monkeypatch, generator):
     x, weight, bias, r, conv = make(shape_class, 1, torch.float32, torch.contiguous_format, True, generator)
     with served_by_onednn():
         out = ops.conv2d_bias_act(x, weight, bias, r, backend="onednn", **conv)
@@ -130,7 +118,7 @@ def test_unsupported_dtype_falls_back_with_the_reason(generator, fallback_allowe
     x, weight, bias, r, conv = make("3x3", 2, torch.float64, torch.channels_last, True, generator)
     with pytest.warns(UserWarning, match="backend 'onednn' does not support this convolution .*float64"):
         out = ops.conv2d_bias_act(x, weight, bias, r, backend="onednn", **conv)
-    torch.testing.assert_close(out, Reference.conv2d_bias_act(x, weight, bias, r, torch.float64, relu=True, **conv))
+    torch.testing.assert_close(out, reference_conv(x, weight, bias, r, relu=True, **conv))
 
 
 def fused_conv(generator, dtype=torch.float32):
@@ -179,7 +167,7 @@ def test_one_packed_weight_per_input_shape_and_bounded(generator):
     for size in range(4, 4 + onednn.MAX_SHAPES_PER_WEIGHT + 2):
         x = torch.randn(1, 8, size, size, generator=generator)
         torch.testing.assert_close(module(x), expected(module, x))
-    stamp, packed = onednn._packed[module.weight]
+    packed = onednn._packed.copies(module.weight)
     assert len(packed) == onednn.MAX_SHAPES_PER_WEIGHT
     assert all(p.is_mkldnn for p in packed.values())
 
@@ -191,7 +179,7 @@ def test_inference_mode_weights_are_read_unpacked(generator):
         with served_by_onednn():
             out = module(x)
         torch.testing.assert_close(out, expected(module, x))
-    assert module.weight not in onednn._packed
+    assert not onednn._packed.copies(module.weight)
 
 
 def test_state_dict_and_saved_weights_hold_no_packed_weight(generator, tmp_path):

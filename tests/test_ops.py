@@ -9,23 +9,11 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_resnet as fr
-from fused_resnet import backends, ops
-
-
-class Reference:
-    """act(conv2d(x, w, b) + residual) in float64."""
-
-    @staticmethod
-    def conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-        f64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
-        y = F.conv2d(f64(x), f64(weight), f64(bias), stride, padding, dilation, groups)
-        if residual is not None:
-            y = y + f64(residual)
-        return y.relu() if relu else y
+from fused_resnet import backends, dispatch, ops
+from helpers import reference_conv
 
 
 def assert_close_fp32(out, ref):
@@ -78,7 +66,7 @@ PLUMBING_CASES = [
 def test_conv2d_bias_act_reference_matches_float64(case, layout, residual, relu):
     x, weight, bias, res, kw = _make(case, layout=layout, residual=residual)
     out = ops.conv2d_bias_act(x, weight, bias, res, relu=relu, backend="torch", **kw)
-    ref = Reference.conv2d_bias_act(x, weight, bias, res, relu=relu, **kw)
+    ref = reference_conv(x, weight, bias, res, relu=relu, **kw)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close_fp32(out, ref)
 
@@ -86,7 +74,7 @@ def test_conv2d_bias_act_reference_matches_float64(case, layout, residual, relu)
 def test_conv_without_bias():
     x, weight, _, _, kw = _make(CONV_CASES[2], bias=False, residual=False)
     out = ops.conv2d_bias_act(x, weight, backend="torch", **kw)
-    assert_close_fp32(out, Reference.conv2d_bias_act(x, weight, None, None, relu=True, **kw))
+    assert_close_fp32(out, reference_conv(x, weight, None, None, relu=True, **kw))
 
 
 def test_empty_batch():
@@ -98,7 +86,7 @@ def test_empty_batch():
 def test_auto_on_cpu_uses_an_available_backend():
     x, weight, bias, res, kw = _make(CONV_CASES[0])
     out = ops.conv2d_bias_act(x, weight, bias, res, **kw)
-    assert_close_fp32(out, Reference.conv2d_bias_act(x, weight, bias, res, relu=True, **kw))
+    assert_close_fp32(out, reference_conv(x, weight, bias, res, relu=True, **kw))
     assert "torch" in backends.available("cpu")
 
 
@@ -112,8 +100,7 @@ def test_add_relu(layout):
     assert out.stride() == x.stride()
 
 
-def test_poisoned_outputs_are_fully_written(monkeypatch):
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
+def test_poisoned_outputs_are_fully_written(poisoned_outputs, monkeypatch):
     for case in CONV_CASES:
         x, weight, bias, res, kw = _make(case)
         assert not ops.conv2d_bias_act(x, weight, bias, res, backend="torch", **kw).isnan().any()
@@ -161,7 +148,7 @@ def test_unknown_backend_is_rejected():
 
 def test_strict_mode_refuses_the_fallback(monkeypatch):
     """FUSED_RESNET_STRICT=1 (the test suite's setting) turns the fallback into an error naming the reason."""
-    monkeypatch.setattr(backends, "STRICT", True)
+    monkeypatch.setattr(dispatch, "STRICT", True)
     triton = backends.get("triton")
     monkeypatch.setattr(triton, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(triton, "conv_unsupported_reason", lambda *args: "a made-up limitation")
@@ -187,10 +174,10 @@ def test_unsupported_case_falls_back_to_reference_with_one_warning(monkeypatch, 
     monkeypatch.setattr(triton, "conv_unsupported_reason", lambda *args: "a made-up limitation")
     x, weight, bias, res, kw = _make(CONV_CASES[0])
     with pytest.warns(UserWarning, match="'triton' does not support.*a made-up limitation.*reference"):
-        with backends.record_serving() as served:
+        with dispatch.record_serving() as served:
             out = ops.conv2d_bias_act(x, weight, bias, res, backend="triton", **kw)
     assert served == ["torch"]
-    assert_close_fp32(out, Reference.conv2d_bias_act(x, weight, bias, res, relu=True, **kw))
+    assert_close_fp32(out, reference_conv(x, weight, bias, res, relu=True, **kw))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.conv2d_bias_act(x, weight, bias, res, backend="triton", **kw)  # no second warning
@@ -314,5 +301,5 @@ def test_only_plain_eager_calls_skip_the_dispatcher(monkeypatch, context, requir
         out = ops.conv2d_bias_act(x, weight, bias, res, backend="torch", **kw)
         summed = ops.add_relu(res, res, backend="torch")
     assert (len(conv_calls), len(add_calls)) == ((1, 1) if dispatched else (0, 0))
-    assert_close_fp32(out.detach(), Reference.conv2d_bias_act(x, weight, bias, res, relu=True, **kw))
+    assert_close_fp32(out.detach(), reference_conv(x, weight, bias, res, relu=True, **kw))
     torch.testing.assert_close(summed.detach(), (res + res).relu().detach())

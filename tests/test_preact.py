@@ -16,23 +16,13 @@ from torch import nn
 
 import fused_resnet as fr
 from fused_resnet import backends, ops
+from fused_resnet.call import ConvCall
 from fused_resnet.architectures import build
 from fused_resnet.export import export_program
 from fused_resnet.fold import BN_TYPES, bn_scale_shift
 from fused_resnet.fusion_report import batch_norm_ops
 from fused_resnet.parity import parity, randomize_bn_
-
-
-class Reference:
-    """(y, z) in float64; `dtype` rounds y and z as eager PyTorch in that dtype would."""
-
-    @staticmethod
-    def conv2d_preact(x, weight, bias, residual, scale, shift, stride, padding, groups, dtype=torch.float64):
-        cast = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
-        y = F.conv2d(cast(x), cast(weight), cast(bias), stride, padding, 1, groups)
-        if residual is not None:
-            y = y + cast(residual)
-        return y, torch.relu(y * cast(scale)[:, None, None] + cast(shift)[:, None, None])
+from helpers import eager_conv, reference_conv
 
 
 # (N, C, H, W, Cout, kernel, stride, padding, groups)
@@ -73,8 +63,8 @@ def _check(backend, args, served_by):
     with served_by(backend):
         y, z = ops.conv2d_preact(x, weight, b, r, scale=scale, shift=shift, stride=stride, padding=padding,
                                  groups=groups, backend=backend)
-    exact = Reference.conv2d_preact(x, weight, b, r, scale, shift, stride, padding, groups)
-    eager = Reference.conv2d_preact(x, weight, b, r, scale, shift, stride, padding, groups, dtype=x.dtype)
+    exact = reference_conv(x, weight, b, r, stride, padding, 1, groups, scale=scale, shift=shift)
+    eager = eager_conv(x, weight, b, r, stride, padding, 1, groups, scale=scale, shift=shift, dtype=x.dtype)
     for out, eager_out, ref in zip((y, z), eager, exact):
         assert out.dtype == x.dtype and out.is_contiguous(memory_format=torch.channels_last)
         result = parity(out, eager_out, ref)  # NaN (an element never written) never passes
@@ -85,20 +75,18 @@ def _check(backend, args, served_by):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_the_reference_on_poisoned_outputs(backend, dtype, case, monkeypatch, served_by):
+def test_matches_the_reference_on_poisoned_outputs(poisoned_outputs, backend, dtype, case, monkeypatch, served_by):
     _skip_unavailable(backend)
-    if backend == "onednn" and backends.get("onednn").preact_unsupported_reason(torch.empty(0, dtype=dtype), *[None] * 7):
+    if backend == "onednn" and backends.get("onednn").preact_unsupported_reason(ConvCall.of(torch.empty(0, dtype=dtype), None)):
         pytest.skip(f"oneDNN has no {dtype} on this CPU")
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
     _check(backend, _make(case, dtype), served_by)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("bias, residual", [(True, True), (False, True), (True, False), (False, False)])
-def test_layouts_and_optional_bias_and_residual(backend, layout, bias, residual, monkeypatch, served_by):
+def test_layouts_and_optional_bias_and_residual(poisoned_outputs, backend, layout, bias, residual, monkeypatch, served_by):
     _skip_unavailable(backend)
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
     _check(backend, _make(CASES[1], torch.float32, layout, bias, residual), served_by)
 
 
@@ -121,7 +109,7 @@ def test_triton_kernel_writes_every_element_of_both_outputs():
     x, weight, b, r, scale, shift, stride, padding, groups = _make((2, 8, 9, 7, 65, 3, 1, 1, 1), torch.float32)
     y, z = (torch.full((2, 65, 9, 7), float("nan")).contiguous(memory_format=torch.channels_last) for _ in "yz")
     conv.conv2d_preact(y, z, x, weight, b, r, scale, shift, stride, padding, (1, 1), groups)
-    ref_y, ref_z = Reference.conv2d_preact(x, weight, b, r, scale, shift, stride, padding, groups)
+    ref_y, ref_z = reference_conv(x, weight, b, r, stride, padding, 1, groups, scale=scale, shift=shift)
     torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z.double(), ref_z, rtol=1e-5, atol=1e-5)
 
@@ -256,9 +244,8 @@ def test_export_compile_and_onnx(tmp_path):
     assert ops_used.count("BatchNormalization") == 1 and ops_used.count("Conv") == 7
 
 
-def test_export_lowered_to_triton_kernels(monkeypatch):
+def test_export_lowered_to_triton_kernels(poisoned_outputs, monkeypatch):
     _skip_unavailable("triton")
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
     model = randomize_bn_(PreActNet().eval(), torch.Generator().manual_seed(6))
     fused = fr.fuse(model, backend="torch")
     x = torch.randn(2, 3, 9, 11)
@@ -277,19 +264,19 @@ def test_verified_backend_checks_both_outputs_on_the_first_call(served_by):
             y, z = ops.conv2d_preact(x, weight, b, r, scale=scale, shift=shift, padding=padding,
                                      backend=backends.verified("onednn"))
     assert served == ["onednn", "onednn"]
-    exact = Reference.conv2d_preact(x, weight, b, r, scale, shift, stride, padding, groups)
+    exact = reference_conv(x, weight, b, r, stride, padding, 1, groups, scale=scale, shift=shift)
     torch.testing.assert_close((y.double(), z.double()), exact, rtol=1e-5, atol=1e-5)
 
 
 def test_a_backend_without_the_second_output_falls_back_with_the_reason(fallback_allowed):
     """cuDNN does not serve conv2d_preact; a case Triton refuses (float64) shows the fallback path on the
     CPU: the reference computes it, and a warning says why."""
-    assert "second" in backends.get("cudnn").preact_unsupported_reason(*[None] * 8)
+    assert "second" in backends.get("cudnn").preact_unsupported_reason(ConvCall.of(None, None))
     _skip_unavailable("triton")
     x, weight, b, r, scale, shift, stride, padding, groups = _make(CASES[1], torch.float64)
     with pytest.warns(UserWarning, match="does not support this convolution with a pre-activation output .float64"):
         y, z = ops.conv2d_preact(x, weight, b, r, scale=scale, shift=shift, padding=padding, backend="triton")
-    exact = Reference.conv2d_preact(x, weight, b, r, scale, shift, stride, padding, groups)
+    exact = reference_conv(x, weight, b, r, stride, padding, 1, groups, scale=scale, shift=shift)
     torch.testing.assert_close((y, z), exact)
 
 
@@ -305,7 +292,7 @@ def test_cuda_backend_serves_the_second_output_on_every_kernel():
     x, weight = torch.empty(args[1], dtype=args[0]), torch.empty(args[2], dtype=args[0])
     for gpu in ((8, 0, 108), (9, 0, 132)):
         with mock.patch.object(cuda, "_gpu", return_value=gpu):
-            assert cuda.preact_unsupported_reason(x, weight, None, x, *args[3:6], 1) is None
+            assert cuda.preact_unsupported_reason(ConvCall.of(x, weight, None, x, *args[3:6], 1)) is None
 
 
 @pytest.mark.gpu
@@ -321,12 +308,11 @@ def test_cuda_backend_serves_the_second_output_on_every_kernel():
     ],
     ids=str,
 )
-def test_gpu_kernels_write_both_outputs(backend, dtype, residual, case, monkeypatch, served_by):
+def test_gpu_kernels_write_both_outputs(poisoned_outputs, backend, dtype, residual, case, monkeypatch, served_by):
     """On a GPU, on poisoned outputs: layers for each kind of C++ kernel."""
     if backend == "cuda":
         reason = backends.get("cuda").unavailable_reason(torch.device("cuda"))
         if reason is not None:
             pytest.skip(reason)
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
     args = _make(case, dtype, "channels_last", residual=residual)
     _check(backend, tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in args), served_by)

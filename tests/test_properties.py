@@ -14,9 +14,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
-from test_reliability import VIEWS, as_view, eager
+from helpers import eager_conv
+from test_reliability import VIEWS, as_view
 
-from fused_resnet import backends, ops
+from fused_resnet import backends, dispatch, ops
+from fused_resnet.call import ConvCall
 from fused_resnet.backends import triton as triton_backend
 from fused_resnet.parity import parity
 
@@ -75,21 +77,19 @@ def conv_cases(draw, *, max_batch, channels, max_size, kernels, max_groups, dtyp
 
 def check(case, backend):
     x, weight, bias, residual, conv = case
-    with backends.record_serving() as served:
+    with dispatch.record_serving() as served:
         out = ops.conv2d_bias_act(x, weight, bias, residual, backend=backend, **conv)
     assert served == [backend], f"computed by {served}, not by {backend!r}"
-    expected = eager(x, weight, bias, residual, **conv)
+    expected = eager_conv(x, weight, bias, residual, **conv)
     assert out.shape == expected.shape and out.dtype == x.dtype
     assert out.is_contiguous(memory_format=torch.channels_last)
-    result = parity(out, expected, eager(x, weight, bias, residual, dtype=torch.float64, **conv))
+    result = parity(out, expected, eager_conv(x, weight, bias, residual, dtype=torch.float64, **conv))
     assert result.ok, str(result)
 
 
 def unsupported_reason(backend: str, case) -> str | None:
     x, weight, bias, residual, conv = case
-    return backends.get(backend).conv_unsupported_reason(
-        x, weight, bias, residual, conv["stride"], conv["padding"], conv["dilation"], conv["groups"]
-    )
+    return backends.get(backend).conv_unsupported_reason(ConvCall.of(x, weight, bias, residual, **conv))
 
 
 LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
@@ -107,14 +107,14 @@ LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
         max_batch=2, channels=[1, 3, 4], max_size=6, kernels=[1, 2, 3], max_groups=2,
         dtypes=LOW_PRECISION, device="cpu",
     )
-)  # fmt: skip
+)
 def test_triton_interpreter_matches_float64(case):
     assert unsupported_reason("triton", case) is None  # Triton computes every case drawn here itself
     check(case, "triton")
 
 
 ONEDNN = backends.get("onednn")
-ONEDNN_DTYPES = [d for d in LOW_PRECISION if ONEDNN.conv_unsupported_reason(torch.empty(0, dtype=d), *[None] * 7) is None]
+ONEDNN_DTYPES = [d for d in LOW_PRECISION if ONEDNN.conv_unsupported_reason(ConvCall.of(torch.empty(0, dtype=d), None)) is None]
 
 
 @pytest.mark.skipif(ONEDNN.unavailable_reason(torch.device("cpu")) is not None, reason="PyTorch built without oneDNN")
@@ -123,12 +123,12 @@ ONEDNN_DTYPES = [d for d in LOW_PRECISION if ONEDNN.conv_unsupported_reason(torc
         max_batch=3, channels=[1, 2, 3, 5, 8], max_size=9, kernels=[1, 2, 3, 5], max_groups=3,
         dtypes=ONEDNN_DTYPES, device="cpu",
     )
-)  # fmt: skip
+)
 def test_onednn_matches_float64(case):
     assert unsupported_reason("onednn", case) is None  # oneDNN computes every case drawn here itself
-    calls = ONEDNN.calls
-    check(case, "onednn")
-    assert ONEDNN.calls == calls + (case[0].shape[0] > 0)  # an empty batch never reaches a backend
+    with dispatch.record_serving() as served:
+        check(case, "onednn")
+    assert served.count("onednn") == (case[0].shape[0] > 0)  # an empty batch never reaches a backend
 
 
 
@@ -137,7 +137,7 @@ GPU_BACKENDS = [b for b in (backends.available("cuda") if HAS_CUDA else backends
 GPU_CASES = dict(
     max_batch=4, channels=[1, 3, 8, 16, 24, 40, 64], max_size=20, kernels=[1, 3, 5, 7], max_groups=4,
     dtypes=LOW_PRECISION, device="cuda",
-)  # fmt: skip
+)
 # What the CUDA C++ kernels serve: float16 and bfloat16, ungrouped, output channels a multiple of 8.
 GPU_CASES_SERVED_BY = {"cuda": dict(channels=[8, 16, 24, 40, 64], max_groups=1, dtypes=LOW_PRECISION[1:])}
 

@@ -17,14 +17,15 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import fused_resnet as fr
-from fused_resnet import backends, ops
+from fused_resnet import backends, dispatch, ops
+from fused_resnet.call import ConvCall
 from fused_resnet.nn import FusedBasicBlock
 from fused_resnet.parity import parity, randomize_bn_
+from helpers import assert_parity, eager_conv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On the CPU: "triton" (interpreter) and "torch". On a GPU: every backend that can run there.
@@ -40,7 +41,7 @@ if "onednn" in BACKENDS:  # float16 only on CPUs with AVX512-FP16 or AVX-NE-CONV
     SERVED_DTYPES["onednn"] = tuple(
         dtype
         for dtype in (torch.float32, torch.bfloat16, torch.float16)
-        if backends.get("onednn").conv_unsupported_reason(torch.empty(0, dtype=dtype), *[None] * 7) is None
+        if backends.get("onednn").conv_unsupported_reason(ConvCall.of(torch.empty(0, dtype=dtype), None)) is None
     )
 
 
@@ -56,20 +57,9 @@ def _full_fp32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
-def eager(x, weight, bias=None, residual=None, *, stride=1, padding=0, dilation=1, groups=1, relu=True, dtype=None):
-    """act(F.conv2d + residual) by eager PyTorch, each tensor cast to `dtype` first (if given)."""
-    if dtype is not None:
-        x, weight, bias, residual = (None if t is None else t.to(dtype) for t in (x, weight, bias, residual))
-    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if residual is not None:
-        y = y + residual
-    return y.relu() if relu else y
-
-
 def assert_matches_eager(out, *args, **conv):
     """The parity rule: our error against float64 at most 2x eager's in the same dtype, plus a floor."""
-    result = parity(out, eager(*args, **conv), eager(*args, dtype=torch.float64, **conv))
-    assert result.ok, str(result)
+    assert_parity(out, *args, **conv)
 
 
 def randn(*shape, generator, dtype=torch.float32, scale=1.0):
@@ -121,7 +111,7 @@ def test_empty_batch(backend, memory_format):
     x, weight, bias, residual = conv_inputs(0, 8, 5, 5, 8, 3, generator=generator, residual_shape=(0, 8, 3, 3))
     x, residual = (t.contiguous(memory_format=memory_format) for t in (x, residual))
     block = randomize_bn_(BasicBlock(8, 8).eval(), generator).to(DEVICE)
-    with backends.record_serving() as served, torch.no_grad():
+    with dispatch.record_serving() as served, torch.no_grad():
         out = ops.conv2d_bias_act(x, weight, bias, residual, stride=2, padding=1, backend=backend)
         assert ops.add_relu(residual, residual, backend=backend).shape == (0, 8, 3, 3)
         assert FusedBasicBlock.from_block(block, backend)(x).shape == (0, 8, 5, 5)
@@ -233,13 +223,13 @@ def test_nan_and_inf_propagate_like_eager(backend, dtype, relu, served_by):
     with served_by(backend):
         out = ops.conv2d_bias_act(x, weight, bias, residual, padding=1, relu=relu, backend=backend)
         pair = ops.add_relu(x, residual, backend=backend)
-    expected = eager(x, weight, bias, residual, padding=1, relu=relu)
+    expected = eager_conv(x, weight, bias, residual, padding=1, relu=relu)
     assert expected.isnan().any() and expected.isinf().any()
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out == float("inf"), expected == float("inf"))
     assert torch.equal(out == -float("inf"), expected == -float("inf"))
     finite = expected.isfinite()
-    reference = eager(x, weight, bias, residual, padding=1, relu=relu, dtype=torch.float64)
+    reference = eager_conv(x, weight, bias, residual, padding=1, relu=relu, dtype=torch.float64)
     result = parity(out[finite], expected[finite], reference[finite])
     assert result.ok, str(result)
     torch.testing.assert_close(pair, (x + residual).relu(), rtol=0, atol=0, equal_nan=True)
@@ -273,7 +263,7 @@ def test_float16_overflow_saturates_like_eager(backend, relu, served_by):
     residual = residual[None, :, None, None].expand(2, 8, 2, 3)
     with served_by(backend):
         out = ops.conv2d_bias_act(x, weight, bias, residual, relu=relu, backend=backend)
-    expected = eager(x, weight, bias, residual, relu=relu)
+    expected = eager_conv(x, weight, bias, residual, relu=relu)
     per_channel = expected[0, :, 0, 0].tolist()
     inf = float("inf")
     assert per_channel == [inf, 0 if relu else -inf, 60000, inf, 65504, inf, inf, 0 if relu else -inf]
@@ -291,7 +281,7 @@ def test_float16_near_overflow_reference_is_eager_bit_for_bit():
     weight = weight * 200
     for relu in (True, False):
         out = ops.conv2d_bias_act(x, weight, bias, residual, padding=1, relu=relu, backend="torch")
-        expected = eager(x, weight, bias, residual, padding=1, relu=relu)
+        expected = eager_conv(x, weight, bias, residual, padding=1, relu=relu)
         assert expected.isinf().float().mean() > 0.1
         assert torch.equal(out.isnan(), expected.isnan())
         assert torch.equal(out.nan_to_num(), expected.nan_to_num())
@@ -383,8 +373,8 @@ def test_inputs_requiring_grad_under_no_grad(backend, mode, served_by):
         with served_by(backend):
             out = ops.conv2d_bias_act(x, weight, bias, residual, padding=1, backend=backend)
             pair = ops.add_relu(x, x, backend=backend)
-        expected = eager(x, weight, bias, residual, padding=1)
-        result = parity(out, expected, eager(x, weight, bias, residual, padding=1, dtype=torch.float64))
+        expected = eager_conv(x, weight, bias, residual, padding=1)
+        result = parity(out, expected, eager_conv(x, weight, bias, residual, padding=1, dtype=torch.float64))
     assert not out.requires_grad and out.grad_fn is None and not pair.requires_grad
     assert result.ok, str(result)
 
@@ -481,7 +471,7 @@ THREADED_BACKENDS = [*BACKENDS, "auto"] if torch.cuda.is_available() else ["torc
 def test_concurrent_calls_equal_serial_calls(name):
     calls = _workload(DEVICE, dtype=served_dtype(name))
     serial = [call(name) for call in calls]
-    with backends.record_serving() as served:
+    with dispatch.record_serving(all_threads=True) as served:
         results = _run_in_threads(calls, name)
     assert len(served) == len(results) and (name == "auto" or set(served) == {name}), set(served)
     if DEVICE == "cuda":
@@ -514,7 +504,7 @@ def test_fallback_warns_once_under_concurrent_callers(monkeypatch, fallback_allo
     triton = backends.get("triton")
     monkeypatch.setattr(triton, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(triton, "conv_unsupported_reason", lambda *args: "a limitation seen by many threads")
-    monkeypatch.setattr(backends, "_warned", RacingSet())
+    monkeypatch.setattr(dispatch, "_warned", RacingSet())
     x, weight, bias, _ = conv_inputs(1, 8, 3, 3, 8, 1, generator=torch.Generator().manual_seed(14))
     x, weight, bias = x.cpu(), weight.cpu(), bias.cpu()
     with warnings.catch_warnings(record=True) as caught:
@@ -541,7 +531,7 @@ def test_first_use_of_a_backend_from_many_threads(monkeypatch):
     for thread in pool:
         thread.join()
     for name, module in zip(names, got):
-        assert module is importlib.import_module(backends._MODULES[name]) is backends._loaded[name]
+        assert module is importlib.import_module(backends.entry(name).module) is backends._loaded[name]
 
 
 # GPU only ---------------------------------------------------------------------------------------
@@ -593,11 +583,10 @@ def _needs_free_memory(gib: float):
 # test_cuda_extension.py checks); the reference is eager PyTorch itself.
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b not in ("cuda", "torch")])
-def test_conv_over_2_31_elements_gpu(backend, monkeypatch, served_by):
+def test_conv_over_2_31_elements_gpu(poisoned_outputs, backend, monkeypatch, served_by):
     """A 1x1 conv whose input, residual and output each hold more than 2**31 elements: the images past
     element 2**31 must be right (64-bit offsets), and every element must be written."""
     _needs_free_memory(24)
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
     x, residual = _big_fp16(_BIG, 16), _big_fp16(_BIG, 17)
     assert x.numel() > 2**31
     weight = torch.randn(64, 64, 1, 1, device="cuda", dtype=torch.float16) / 8
@@ -607,15 +596,14 @@ def test_conv_over_2_31_elements_gpu(backend, monkeypatch, served_by):
     assert not out.isnan().any(), "elements of the output were left unwritten"
     for images in (slice(0, 1), slice(31, 33)):
         args = (x[images], weight, bias, residual[images])
-        result = parity(out[images], eager(*args), eager(*args, dtype=torch.float64))
+        result = parity(out[images], eager_conv(*args), eager_conv(*args, dtype=torch.float64))
         assert result.ok, f"images {images}: {result}"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b not in ("cudnn", "torch")])
-def test_add_relu_over_2_31_elements_gpu(backend, monkeypatch, served_by):
+def test_add_relu_over_2_31_elements_gpu(poisoned_outputs, backend, monkeypatch, served_by):
     _needs_free_memory(16)
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
     x, y = _big_fp16(_BIG, 18), _big_fp16(_BIG, 19)
     with served_by(backend):
         out = ops.add_relu(x, y, backend=backend)

@@ -2,14 +2,10 @@
 and the newest CPU run of the end-to-end one."""
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import results_io  # noqa: E402
+from benchmarks import results_io
 
 README = """# Project
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
 
 import fused_resnet as fr
-from fused_resnet import autotune, backends, self_check
+from fused_resnet import autotune, backends, dispatch, self_check
+from fused_resnet.call import ConvCall
 from fused_resnet.backends import reference
 from fused_resnet.architectures import build
 from fused_resnet.parity import FLOORS, parity, randomize_bn_
@@ -57,12 +58,14 @@ def _stub(name: str, calls: list) -> types.ModuleType:
 def stubs(tmp_path, monkeypatch):
     """Registers the stub backends; returns the list of stub calls, in order."""
     calls = []
+    monkeypatch.setattr(backends, "BACKENDS", list(backends.BACKENDS))  # the stubs' rows go when the test ends
+    monkeypatch.setattr(backends, "NAMES", backends.NAMES)
     for name in ("raising", "wrong", "unwritten", "right"):
-        monkeypatch.setitem(backends._MODULES, name, f"stub_backend_{name}")
+        backends.register(backends.Backend(name, f"stub_backend_{name}", ()))
         monkeypatch.setitem(backends._loaded, name, _stub(name, calls))
     monkeypatch.setattr(backends, "auto_order", lambda device: ("raising", "wrong", "unwritten", "right", "torch"))
-    monkeypatch.setattr(backends, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(backends, "_checked_choice", {})
+    monkeypatch.setattr(dispatch, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(dispatch, "_checked_choice", {})
     monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FUSED_RESNET_AUTOTUNE", raising=False)
     monkeypatch.delenv("FUSED_RESNET_VERIFY", raising=False)
@@ -141,7 +144,7 @@ def test_verdict_is_cached_and_never_measured_again(stubs, generator):
     assert stubs == ["right"]  # the op's own call: nothing run, checked or timed again
     # As a new process would: the choice and the exclusions are read back from the file.
     autotune.forget()
-    backends._checked_choice.clear()
+    dispatch._checked_choice.clear()
     stubs.clear()
     with exclusions() as excluded:
         out = _conv(*args, backend="auto")
@@ -156,7 +159,7 @@ def test_stored_exclusions_are_not_run_again_when_the_choice_is_gone(stubs, gene
     # "right" no longer serves: a new choice is made, without running the excluded candidates again.
     monkeypatch.setattr(backends, "auto_order", lambda device: ("raising", "wrong", "unwritten", "torch"))
     autotune.forget()
-    backends._checked_choice.clear()
+    dispatch._checked_choice.clear()
     stubs.clear()
     with exclusions():
         out = _conv(*args, backend="auto")
@@ -278,7 +281,7 @@ def test_verified_model_traces_and_checks_when_it_runs(stubs, generator):
     with exclusions():
         compiled = torch.compile(verified, backend="aot_eager", fullgraph=True)
         assert torch.equal(compiled(x), expected)
-        backends._checked_choice.clear()
+        dispatch._checked_choice.clear()
         program = torch.export.export(verified, (x,))
         assert torch.equal(program.module()(x), expected)
 
@@ -289,9 +292,10 @@ def test_check_bound_is_eager_error_on_the_layer(generator, dtype):
     whose error is several times eager's fails; NaN always fails."""
     x, weight, bias, residual = (t.to(dtype) for t in _conv_args(generator))
     args = (x, weight, bias, residual, [2, 2], [1, 1], [1, 1], 1, True)
-    exact = reference.conv2d_bias_act(None, *(t.double() for t in args[:4]), *args[4:])
-    eager = reference.conv2d_bias_act(None, *args)
-    check = self_check.conv_checker(*args)
+    call = ConvCall.of(*args)
+    exact = reference.conv2d_bias_act(None, call.in_dtype(torch.float64))
+    eager = reference.conv2d_bias_act(None, call)
+    check = self_check.conv_checker(call)
     assert check(exact.to(dtype)) is None
     assert check(eager) is None
     eager_error = (eager.double() - exact).abs().max() / exact.abs().max()
@@ -309,7 +313,7 @@ def test_auto_excludes_nothing_on_a_real_network(tmp_path, monkeypatch, generato
     wrong on this GPU shows up here as an exclusion warning naming the layer and the backend."""
     monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))  # measured and checked afresh
     monkeypatch.setattr(autotune, "_choices", {})
-    monkeypatch.setattr(backends, "_checked_choice", {})
+    monkeypatch.setattr(dispatch, "_checked_choice", {})
     model = build("resnet18", generator).cuda()
     x = torch.randn(2, 3, 64, 64, generator=generator).cuda()
     with torch.no_grad(), exclusions() as excluded:
@@ -326,20 +330,20 @@ def test_auto_excludes_nothing_on_a_real_network(tmp_path, monkeypatch, generato
 def test_auto_measures_and_checks_on_the_second_gpu(tmp_path, monkeypatch, generator):
     monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "_choices", {})
-    monkeypatch.setattr(backends, "_checked_choice", {})
+    monkeypatch.setattr(dispatch, "_checked_choice", {})
     args = [t.to("cuda:1", torch.float16) for t in _conv_args(generator)]
     with torch.cuda.device(0), exclusions() as excluded:
         out = _conv(*args, backend="auto")
     assert excluded == {}
     (choices,) = json.loads(autotune.cache_file().read_text()).values()
     assert choices and all(c["rejected"] == {} for c in choices.values())
-    assert self_check.conv_checker(*args, [2, 2], [1, 1], [1, 1], 1, True)(out) is None
+    assert self_check.conv_checker(ConvCall.of(*args, [2, 2], [1, 1], [1, 1], 1, True))(out) is None
 
 
 def test_verified_auto_checks_the_backend_it_takes_where_it_does_not_measure(stubs, generator, monkeypatch):
     """On a device where "auto" takes the first serving backend without measuring (the CPU), a verified
     "auto" checks that backend like a named one."""
-    monkeypatch.setattr(backends, "MEASURED_DEVICE_TYPES", ("cuda",))
+    monkeypatch.setattr(dispatch, "MEASURED_DEVICE_TYPES", ("cuda",))
     args = _conv_args(generator)
     with exclusions() as excluded:
         out = _conv(*args, backend=backends.verified("auto"))
@@ -363,7 +367,7 @@ def test_a_check_that_cannot_run_leaves_the_layer_to_the_reference(stubs, genera
         out = _conv(*args, backend="auto")
     assert warned_once_each(excluded) == ["raising", "right", "unwritten", "wrong"]
     assert "OutOfMemoryError" in excluded["right"][0]
-    assert torch.equal(out, reference.conv2d_bias_act(None, *args, [2, 2], [1, 1], [1, 1], 1, True))
+    assert torch.equal(out, reference.conv2d_bias_act(None, ConvCall.of(*args, [2, 2], [1, 1], [1, 1], 1, True)))
 
 
 @pytest.mark.parametrize(
@@ -374,7 +378,7 @@ def test_a_right_backend_passes_its_check(generator, monkeypatch, groups, dilati
     results, on odd shapes, grouped and dilated convs, in either layout."""
     if reason := backends.get("triton").unavailable_reason(torch.device("cpu")):
         pytest.skip(reason)
-    monkeypatch.setattr(backends, "_checked_choice", {})
+    monkeypatch.setattr(dispatch, "_checked_choice", {})
     x = torch.randn(1, 6, 7, 5, generator=generator)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -384,7 +388,7 @@ def test_a_right_backend_passes_its_check(generator, monkeypatch, groups, dilati
         out = fr.ops.conv2d_bias_act(
             x, weight, bias, residual, padding=dilation, dilation=dilation, groups=groups,
             backend=backends.verified("triton"),
-        )  # fmt: skip
+        )
     assert excluded == {}
-    assert [b.NAME for b in backends._checked_choice.values()] == ["triton"]  # checked, and kept
+    assert [b.NAME for b in dispatch._checked_choice.values()] == ["triton"]  # checked, and kept
     torch.testing.assert_close(out, (F.conv2d(x, weight, bias, 1, dilation, dilation, groups) + residual).relu())

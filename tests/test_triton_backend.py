@@ -18,11 +18,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fused_resnet as fr
 from fused_resnet.backends import triton as triton_backend
+from fused_resnet.call import ConvCall
+from fused_resnet.backends.triton import runtime as triton_runtime
 from fused_resnet.parity import FLOORS, Parity, parity, relative_error
+from helpers import eager_conv, reference_conv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _UNAVAILABLE = triton_backend.unavailable_reason(torch.device(DEVICE))
@@ -32,23 +34,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
-def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, dtype):
-    """act(conv2d(x, weight, bias) + residual) by plain PyTorch, every tensor cast to `dtype` first:
-    float64 gives the reference, the inputs' own dtype gives eager PyTorch."""
-
-    def cast(t):
-        return None if t is None else t.to(dtype)
-
-    y = F.conv2d(cast(x), cast(weight), cast(bias), stride, padding, dilation, groups)
-    if residual is not None:
-        y = y + cast(residual)
-    return y.relu() if relu else y
-
-
 def check_parity(out, *args):
-    ref = conv_bias_act(*args, dtype=torch.float64)
+    ref = reference_conv(*args)
     try:
-        eager = conv_bias_act(*args, dtype=out.dtype)
+        eager = eager_conv(*args, dtype=out.dtype)
     except (RuntimeError, NotImplementedError):
         eager = None
     if eager is None:
@@ -135,10 +124,10 @@ CASES = [
 def run_backend(args, out_shape, dtype):
     """Calls the backend directly on an output filled with NaN, so that any element it leaves
     unwritten fails the test (the inputs are finite). Every case here is one the backend must serve."""
-    reason = triton_backend.conv_unsupported_reason(*args[:8])
+    reason = triton_backend.conv_unsupported_reason(ConvCall.of(*args[:8]))
     assert reason is None, f"the Triton backend refuses a case it must serve: {reason}"
     out = torch.full(out_shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    triton_backend.conv2d_bias_act(out, *args)
+    triton_backend.conv2d_bias_act(out, ConvCall.of(*args))
     assert not out.isnan().any(), "the kernel left elements of out unwritten"
     return out
 
@@ -171,12 +160,11 @@ def test_conv_fp32_with_tf32_allowed_keeps_fp32_accuracy(monkeypatch):
     monkeypatch.setattr(conv, "use_tf32", lambda x: x.dtype == torch.float32)
     args, out_shape = make_conv(BASIC_3X3, torch.float32, torch.Generator().manual_seed(2))
     out = run_backend(args, out_shape, torch.float32)
-    assert relative_error(out, conv_bias_act(*args, dtype=torch.float64)) < 1e-5
+    assert relative_error(out, reference_conv(*args)) < 1e-5
 
 
-def test_conv_through_op(monkeypatch, served_by):
+def test_conv_through_op(poisoned_outputs, monkeypatch, served_by):
     """End to end through fr.ops with backend="triton": the reference must not be used."""
-    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
     args, _ = make_conv(BASIC_3X3, torch.float16, torch.Generator().manual_seed(3))
     x, weight, bias, residual, stride, padding, dilation, groups, relu = args
     with served_by("triton"):
@@ -188,18 +176,18 @@ def test_conv_through_op(monkeypatch, served_by):
 
 def test_conv_float64_falls_back_to_reference(fallback_allowed, served_by):
     args, _ = make_conv(BASIC_3X3, torch.float64, torch.Generator().manual_seed(4))
-    assert "float64" in triton_backend.conv_unsupported_reason(*args[:8])
+    assert "float64" in triton_backend.conv_unsupported_reason(ConvCall.of(*args[:8]))
     x, weight, bias, residual, stride, padding, dilation, groups, relu = args
     with pytest.warns(UserWarning, match="float64"), served_by("torch"):
         out = fr.ops.conv2d_bias_act(x, weight, bias, residual, stride=stride, padding=padding, dilation=dilation,
                                      groups=groups, relu=relu, backend="triton")
-    torch.testing.assert_close(out, conv_bias_act(*args, dtype=torch.float64))
+    torch.testing.assert_close(out, reference_conv(*args))
 
 
 def test_conv_too_many_groups_is_unsupported():
     x = torch.zeros(1, 65536, 1, 1, device=DEVICE)
     weight = torch.zeros(65536, 1, 1, 1, device=DEVICE)
-    assert "groups" in triton_backend.conv_unsupported_reason(x, weight, None, None, [1, 1], [0, 0], [1, 1], 65536)
+    assert "groups" in triton_backend.conv_unsupported_reason(ConvCall.of(x, weight, groups=65536))
 
 
 @pytest.mark.parametrize(
@@ -225,11 +213,10 @@ LIBRARY_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[9]]
 
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
 @pytest.mark.parametrize("conv_case", LIBRARY_CASES)
-def test_triton_library_op_parity(conv_case, dtype, monkeypatch, served_by):
+def test_triton_library_op_parity(poisoned_outputs, conv_case, dtype, monkeypatch, served_by):
     """fused_resnet_triton::conv2d_bias_act, the op export lowers to (lower_to="triton")."""
-    from fused_resnet.backends.triton import library  # noqa: F401  (registers the op)
+    from fused_resnet import triton_ops as library  # noqa: F401  (registers the fused_resnet_triton ops)
 
-    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
     args, out_shape = make_conv(conv_case, dtype, torch.Generator().manual_seed(9))
     with served_by("triton"):
         out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
@@ -239,17 +226,17 @@ def test_triton_library_op_parity(conv_case, dtype, monkeypatch, served_by):
 
 
 def test_triton_library_op_computes_unsupported_cases_with_aten(fallback_allowed, served_by):
-    from fused_resnet.backends.triton import library  # noqa: F401
+    from fused_resnet import triton_ops as library  # noqa: F401  (registers the fused_resnet_triton ops)
 
     args, _ = make_conv(BASIC_3X3, torch.float64, torch.Generator().manual_seed(10))
     with pytest.warns(UserWarning, match="'triton' does not support this convolution.*float64"), served_by("torch"):
         out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, conv_bias_act(*args, dtype=torch.float64))
+    torch.testing.assert_close(out, reference_conv(*args))
 
 
 def test_triton_library_ops_opcheck():
-    from fused_resnet.backends.triton import library  # noqa: F401
+    from fused_resnet import triton_ops as library  # noqa: F401  (registers the fused_resnet_triton ops)
 
     # The schema and the fake implementations; tracing through the kernel itself (wrap_triton)
     # is not possible in Triton's interpreter, only on a GPU (tests/test_export.py, AOTInductor).
@@ -316,8 +303,7 @@ def test_add_relu_parity(shape, memory_format, dtype):
     assert result.ok, str(result)
 
 
-def test_add_relu_through_op(monkeypatch, served_by):
-    monkeypatch.setattr(fr.ops, "POISON_OUTPUTS", True)
+def test_add_relu_through_op(poisoned_outputs, monkeypatch, served_by):
     generator = torch.Generator().manual_seed(7)
     x, y = (torch.randn(2, 6, 5, 5, generator=generator).to(DEVICE).contiguous(memory_format=torch.channels_last)
             for _ in range(2))
@@ -362,9 +348,9 @@ def test_on_device_of_makes_the_tensors_gpu_current(monkeypatch):
     device = Recorder()
     monkeypatch.setattr(torch.cuda, "device", device)
     on_gpu1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
-    with triton_backend.on_device_of(on_gpu1):
+    with triton_runtime.on_device_of(on_gpu1):
         assert device.depth == 1
-    with triton_backend.on_device_of(torch.ones(1)):  # a CPU tensor (the interpreter): nothing to select
+    with triton_runtime.on_device_of(torch.ones(1)):  # a CPU tensor (the interpreter): nothing to select
         pass
     assert device.calls == [torch.device("cuda", 1)]
 
@@ -372,10 +358,11 @@ def test_on_device_of_makes_the_tensors_gpu_current(monkeypatch):
 def test_every_triton_launch_runs_under_its_tensors_device(monkeypatch):
     """The backend's kernels and the triton_op wrappers (library.py) alike: each kernel launch
     happens inside on_device_of(a tensor of the call), and still computes the right values."""
-    from fused_resnet.backends.triton import add_relu_kernel, library  # noqa: F401  (library registers the ops)
+    from fused_resnet import triton_ops as library  # noqa: F401
+    from fused_resnet.backends.triton import add_relu_kernel
 
     conv = importlib.import_module("fused_resnet.backends.triton.conv")
-    guard = Recorder(triton_backend.on_device_of)
+    guard = Recorder(triton_runtime.on_device_of)
     monkeypatch.setattr(conv, "on_device_of", guard)
     monkeypatch.setattr(add_relu_kernel, "on_device_of", guard)
     launched_inside = []
@@ -427,7 +414,7 @@ def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
     tile, without the autotuner (which would time and synchronise inside the capture), and nothing
     is remembered for it; a layer it has tuned gets the tuned tile. Outside a capture: the autotuner."""
     conv = importlib.import_module("fused_resnet.backends.triton.conv")
-    monkeypatch.setattr(conv, "_interpreting", lambda: False)
+    monkeypatch.setattr(conv, "interpreting", lambda: False)
     monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")
     monkeypatch.setattr(conv._conv_kernel_tuned, "cache", {})
     x = a_gpu(monkeypatch, conv)
@@ -581,7 +568,7 @@ def test_fp32_tf32_accuracy_gpu(conv_case, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     args, out_shape = make_conv(conv_case, torch.float32, torch.Generator().manual_seed(13))
     out = run_backend(args, out_shape, torch.float32)
-    assert relative_error(out, conv_bias_act(*args, dtype=torch.float64)) < 2e-5
+    assert relative_error(out, reference_conv(*args)) < 2e-5
 
 
 @pytest.mark.gpu
@@ -589,7 +576,7 @@ def test_fp32_tf32_accuracy_gpu(conv_case, monkeypatch):
 def test_launches_follow_the_tensors_to_the_second_gpu_gpu():
     """cuda:0 current, tensors on cuda:1: the kernels must run on cuda:1 (the wrong device would
     fault or leave the NaN-filled output unwritten)."""
-    from fused_resnet.backends.triton import library  # noqa: F401  (registers the ops)
+    from fused_resnet import triton_ops as library  # noqa: F401  (registers the fused_resnet_triton ops)
 
     args, out_shape = make_conv(BASIC_3X3, torch.float16, torch.Generator().manual_seed(15))
     args = tuple(a.to("cuda:1") if isinstance(a, torch.Tensor) else a for a in args)
@@ -597,7 +584,7 @@ def test_launches_follow_the_tensors_to_the_second_gpu_gpu():
     out = torch.full(out_shape, float("nan"), dtype=torch.float16, device="cuda:1")
     out = out.contiguous(memory_format=torch.channels_last)
     with torch.cuda.device(0):
-        triton_backend.conv2d_bias_act(out, *args)
+        triton_backend.conv2d_bias_act(out, ConvCall.of(*args))
         op_out = torch.ops.fused_resnet_triton.conv2d_bias_act(*args)
         summed = torch.ops.fused_resnet_triton.add_relu(x, y)
     torch.cuda.synchronize(1)
@@ -616,11 +603,11 @@ def test_capturing_a_layer_not_yet_tuned_gpu(monkeypatch):
     args, out_shape = make_conv(BASIC_3X3, torch.float16, torch.Generator().manual_seed(16))
     out = torch.empty(out_shape, dtype=torch.float16, device=DEVICE).contiguous(memory_format=torch.channels_last)
     monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "0")
-    triton_backend.conv2d_bias_act(out, *args)  # compiles the size rule's kernel outside the capture
+    triton_backend.conv2d_bias_act(out, ConvCall.of(*args))  # compiles the size rule's kernel outside the capture
     monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        triton_backend.conv2d_bias_act(out, *args)
+        triton_backend.conv2d_bias_act(out, ConvCall.of(*args))
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()

@@ -1,10 +1,10 @@
 """The Triton conv kernel compiled for A100 (sm_80) and H100 (sm_90a) with no GPU, and checked.
 
-tests/triton_static.py compiles, for each layer of its set, dtype and target, the tile config that
+tools/triton_static.py compiles, for each layer of its set, dtype and target, the tile config that
 pruning keeps with the largest shared-memory estimate, and checks every kernel it compiled: shared
 memory within the device's limit and within the pruning's estimate, no register spills in fp16 and
 bf16, tensor-core instructions wherever the README promises them, none in IEEE fp32. The full sweep
-(every config) is `python tests/triton_static.py`.
+(every config) is `python tools/triton_static.py`.
 
 The compiler runs in a subprocess: this process runs Triton's interpreter (conftest.py), whose jit
 functions cannot be compiled. A second run finds the kernels in Triton's cache.
@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = Path(__file__).with_name("triton_static.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "triton_static.py"
 ROOT = SCRIPT.parents[1]
 
 

@@ -31,12 +31,15 @@ and this backend reports why it cannot run.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from fused_resnet import autotune, ops
+from fused_resnet import autotune, derivatives
+from fused_resnet.call import ConvCall
 from fused_resnet.validation import check_add_relu, check_conv, check_preact
+
+from .weight_cache import DerivedWeights
 
 NAME = "cuda"
 
@@ -54,6 +57,23 @@ except ImportError as error:  # not built, or built against another torch
 CONV_CONFIGS: tuple[str, ...] = tuple(torch.ops.fused_resnet_C.conv2d_configs()) if _C is not None else ()
 # The TORCH_CUDA_ARCH_LIST the extension was built with: the GPUs it has machine code for.
 BUILT_ARCHS: str = torch.ops.fused_resnet_C.cuda_archs() if _C is not None else ""
+
+
+def status() -> str:
+    """One line: whether the extension is built, with which kernels, or why it is not there."""
+    if _C is None:
+        if importlib.util.find_spec("fused_resnet._C") is None:
+            return "CUDA extension: not built (no CUDA toolkit when installed, or not installed: make setup)"
+        return f"CUDA extension: built but does not load: {_LOAD_ERROR}"
+    if not CONV_CONFIGS:
+        return "CUDA extension: built without the conv kernels (no CUTLASS headers when built)"
+    hopper = sum(name.startswith("sm90") for name in CONV_CONFIGS)
+    return (
+        f"CUDA extension: built, {len(CONV_CONFIGS) - hopper} CUTLASS 2.x conv kernels"
+        + (f" and {hopper} Hopper ones (sm_90a)" if hopper else "")
+    )
+
+
 # The name under which autotune stores "let the C++ heuristic pick" (config -1).
 _HEURISTIC = "heuristic"
 
@@ -101,7 +121,11 @@ def kernel_choice(x, weight, residual, stride, padding, dilation, config: int = 
     return _query(
         x.dtype, tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
         residual is not None, _gpu(x.device), config,
-    )  # fmt: skip
+    )
+
+
+def _call_kernel_choice(call, config: int = -1) -> tuple[str, str, bool]:
+    return kernel_choice(call.x, call.weight, call.residual, call.stride, call.padding, call.dilation, config)
 
 
 def kernel_unsupported_reason(x, weight) -> str | None:
@@ -111,16 +135,15 @@ def kernel_unsupported_reason(x, weight) -> str | None:
     return _layer_unsupported_reason(x.dtype, int(x.shape[1]), tuple(weight.shape))
 
 
-def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
-    reason = kernel_unsupported_reason(x, weight)
+def conv_unsupported_reason(call) -> str | None:
+    reason = kernel_unsupported_reason(call.x, call.weight)
     if reason is not None:
         return reason
-    return kernel_choice(x, weight, residual, stride, padding, dilation)[1] or None
+    return _call_kernel_choice(call)[1] or None
 
 
-# Channels-last (KRSC) copies of weights given in another layout, made once per weight version
-# rather than once per call. Entries go away with their weight tensor.
-_krsc_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Channels-last (KRSC) copies of weights given in another layout, made once per weight (weight_cache.py).
+_krsc_cache = DerivedWeights()
 
 
 def _krsc(weight: torch.Tensor) -> torch.Tensor:
@@ -128,84 +151,76 @@ def _krsc(weight: torch.Tensor) -> torch.Tensor:
         # Already KRSC in memory, or an inference tensor (no version counter to key a cache on):
         # the extension converts it itself.
         return weight
-    cached = _krsc_cache.get(weight)
-    if cached is not None and cached[0] == weight._version:
-        return cached[1]
-    converted = weight.contiguous(memory_format=torch.channels_last)
-    _krsc_cache[weight] = (weight._version, converted)
-    return converted
+    return _krsc_cache.get(weight, None, lambda: weight.contiguous(memory_format=torch.channels_last))
 
 
-def _launch(out, x, weight, bias, residual, stride, padding, dilation, relu, config: int) -> None:
-    torch.ops.fused_resnet_C.conv2d_bias_act_out(x, weight, bias, residual, stride, padding, dilation, relu, config, out)
+def forget(weight: torch.Tensor) -> None:
+    _krsc_cache.forget(weight)
 
 
-def _serving_configs(x, weight, residual, stride, padding, dilation) -> list[int]:
-    return [i for i in range(len(CONV_CONFIGS)) if not kernel_choice(x, weight, residual, stride, padding, dilation, i)[1]]
+def _launch(out, call, config: int) -> None:
+    torch.ops.fused_resnet_C.conv2d_bias_act_out(
+        call.x, call.weight, call.bias, call.residual, call.stride, call.padding, call.dilation, call.relu, config, out
+    )
 
 
-# The kernel measured fastest for each layer, by a cheap hashable key (one dict lookup per call).
+def _serving_configs(call) -> list[int]:
+    return [i for i in range(len(CONV_CONFIGS)) if not _call_kernel_choice(call, i)[1]]
+
+
+# The kernel measured fastest for each layer, by the call's key (one dict lookup per call).
 _config_choice: dict[tuple, int] = {}
 
 
-def _choice_key(x, weight, bias, residual, stride, padding, dilation, relu) -> tuple:
-    return (
-        x.device, x.dtype, x.shape, x.stride(), weight.shape, bias is not None,
-        None if residual is None else residual.stride(), tuple(stride), tuple(padding), tuple(dilation), relu,
-    )  # fmt: skip
-
-
-def chosen_kernel(x, weight, bias, residual, stride, padding, dilation, relu) -> str | None:
+def chosen_kernel(call) -> str | None:
     """The name of the kernel measured fastest for this layer ("heuristic (<kernel>)" when the
     extension's size rule picks it), or None before the layer has run; for benchmark reports."""
-    config = _config_choice.get(_choice_key(x, weight, bias, residual, stride, padding, dilation, relu))
+    config = _config_choice.get(call.replace(weight=_krsc(call.weight)).key)
     if config is None:
         return None
     if config >= 0:
         return CONV_CONFIGS[config]
-    return f"{_HEURISTIC} ({kernel_choice(x, weight, residual, stride, padding, dilation)[0]})"
+    return f"{_HEURISTIC} ({_call_kernel_choice(call)[0]})"
 
 
-def _measured_config(out, x, weight, bias, residual, stride, padding, dilation, relu) -> int:
+def _measured_config(out, call) -> int:
     """The index of the fastest kernel for this layer (-1, the heuristic, when not measuring)."""
     if not autotune.enabled():
         return -1
 
     def run(config):
-        return lambda: _launch(torch.empty_like(out), x, weight, bias, residual, stride, padding, dilation, relu, config)
+        return lambda: _launch(torch.empty_like(out), call, config)
 
     def measure() -> int:
         # The heuristic comes first: it is what a CUDA graph capture gets for a layer never measured.
         candidates = {_HEURISTIC: run(-1)}
-        serving = _serving_configs(x, weight, residual, stride, padding, dilation)
-        candidates.update((CONV_CONFIGS[i], run(i)) for i in serving)
-        layer = autotune.layer_key("fused_resnet_C::conv2d_bias_act", (x, weight, bias, residual), stride, padding, dilation, relu)
-        name = autotune.choose(x.device, layer, candidates)
+        candidates.update((CONV_CONFIGS[i], run(i)) for i in _serving_configs(call))
+        name = autotune.choose(call.device, "fused_resnet_C::" + call.describe(), candidates)
         return -1 if name == _HEURISTIC else CONV_CONFIGS.index(name)
 
-    key = _choice_key(x, weight, bias, residual, stride, padding, dilation, relu)
-    return autotune.remember(_config_choice, key, x.device, measure)
+    return autotune.remember(_config_choice, call.key, call.device, measure)
 
 
-def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu, config: int | None = None) -> None:
+def conv2d_bias_act(out, call, config: int | None = None) -> None:
     """See fused_resnet.backends; `config` picks the kernel (an index into CONV_CONFIGS, -1: the
     heuristic, None: the one measured fastest for this layer)."""
-    weight = _krsc(weight)
+    call = call.replace(weight=_krsc(call.weight))
     if config is None:
-        config = _measured_config(out, x, weight, bias, residual, stride, padding, dilation, relu)
-    _launch(out, x, weight, bias, residual, stride, padding, dilation, relu, config)
+        config = _measured_config(out, call)
+    _launch(out, call, config)
 
 
-def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+def preact_unsupported_reason(call) -> str | None:
     """Every conv kernel writes the second output (the CUTLASS 2.x ones through their broadcast epilogue's
     second output iterator, the Hopper ones through their visitor tree): the layer rule is the conv's."""
-    return conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups)
+    return conv_unsupported_reason(call)
 
 
-def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups) -> None:
+def conv2d_preact(out, out_preact, call) -> None:
     """The heuristic's kernel writes both outputs."""
     torch.ops.fused_resnet_C.conv2d_preact_out(
-        x, _krsc(weight), bias, residual, scale, shift, stride, padding, dilation, -1, out, out_preact
+        call.x, _krsc(call.weight), call.bias, call.residual, call.scale, call.shift,
+        call.stride, call.padding, call.dilation, -1, out, out_preact,
     )
 
 
@@ -243,7 +258,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_resnet_C::conv2d_preact_out")
     def _(x, weight, bias, residual, scale, shift, stride, padding, dilation, config, out, out_preact):
         shape = _check_conv_kernel(x, weight, bias, residual, stride, padding, dilation)
-        check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, 1)
+        check_preact(ConvCall.of(x, weight, bias, residual, stride, padding, dilation, 1, False, scale, shift))
         _check_out(out, shape, x)
         _check_out(out_preact, shape, x)
 
@@ -258,26 +273,26 @@ def _check_conv_kernel(x, weight, bias, residual, stride, padding, dilation) -> 
         reason = kernel_unsupported_reason(x, weight)
         if reason is not None:
             raise RuntimeError(op + reason)
-    return check_conv(x, weight, bias, residual, stride, padding, dilation, 1)
+    return check_conv(ConvCall.of(x, weight, bias, residual, stride, padding, dilation))
 
 
 def _register_autograd() -> None:
-    """Derivatives of the functional ops: those of the fused ops (fused_resnet.ops), which compute the
-    same functions. The out= forms have none (csrc/fused_resnet.cpp): backward through them raises."""
+    """Derivatives of the functional ops: those of the fused ops (fused_resnet.derivatives), which compute
+    the same functions. The out= forms have none (csrc/fused_resnet.cpp): backward through them raises."""
 
     def conv_setup_context(ctx, inputs, output):
         x, weight, bias, residual, stride, padding, dilation, relu, _config = inputs
-        ops._conv_setup_context(ctx, (x, weight, bias, residual, stride, padding, dilation, 1, relu, None), output)
+        derivatives.conv_setup_context(ctx, x, weight, bias, residual, stride, padding, dilation, 1, relu, output)
 
     def conv_backward(ctx, grad):
-        return ops._conv_backward(ctx, grad)[:4] + (None,) * 5  # nothing for stride .. config
+        return derivatives.conv_backward(ctx, grad) + (None,) * 5  # nothing for stride .. config
 
-    def add_relu_backward(ctx, grad):
-        return ops._add_relu_backward(ctx, grad)[:2]
+    def add_relu_setup_context(ctx, inputs, output):
+        derivatives.add_relu_setup_context(ctx, output)
 
     torch.library.register_autograd("fused_resnet_C::conv2d_bias_act", conv_backward, setup_context=conv_setup_context)
     torch.library.register_autograd(
-        "fused_resnet_C::add_relu", add_relu_backward, setup_context=ops._add_relu_setup_context
+        "fused_resnet_C::add_relu", derivatives.add_relu_backward, setup_context=add_relu_setup_context
     )
 
 

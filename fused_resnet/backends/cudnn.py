@@ -20,13 +20,15 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
-    if x.dtype == torch.float64:
+def conv_unsupported_reason(call) -> str | None:
+    if call.x.dtype == torch.float64:
         return "cuDNN's fused convolutions take float16, bfloat16 or float32"
     return None
 
 
-def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu):
+def conv2d_bias_act(out, call):
+    x, weight, bias, residual, relu = call.x, call.weight, call.bias, call.residual, call.relu
+    stride, padding, dilation, groups = call.conv_arguments
     memory_format = torch.channels_last
     x = x.contiguous(memory_format=memory_format)
     weight = weight.contiguous(memory_format=memory_format)
@@ -43,12 +45,12 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
     return y
 
 
-def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+def preact_unsupported_reason(call) -> str | None:
     return "cuDNN's fused convolutions have one output, not a second, pre-activated one"
 
 
-def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
-    raise NotImplementedError(preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups))
+def conv2d_preact(out, out_preact, call):
+    raise NotImplementedError(preact_unsupported_reason(call))
 
 
 def add_relu_unsupported_reason(x, y) -> str | None:

@@ -5,12 +5,11 @@ It calls the operators PyTorch ships for Inductor's CPU freezing path:
 `mkldnn._reorder_convolution_weight` (the prepacking) and `mkldnn._convolution_pointwise` (its
 `.binary` overload adds the residual). Threads are ATen's: `torch.get_num_threads()`.
 
-The packed weight is a cache this module keeps beside the weight tensor, never a parameter or a
-buffer, so it cannot land in a state_dict or an exported program. It is keyed weakly by the weight
-tensor and stamped with what a change of the weights changes: the version counter (bumped by
-in-place edits, `load_state_dict`, `copy_`), the data pointer and dtype (`.to(dtype)` swaps a
-parameter's data and keeps its version), shape and strides. Edits through `weight.data`, which
-bypass the version counter, are not seen: re-fuse or use in-place ops on the parameter itself.
+The packed weight is a cache this module keeps beside the weight tensor (backends/weight_cache.py:
+never stale, with the edits it cannot see listed there), never a parameter or a buffer, so it cannot
+land in a state_dict or an exported program. One packed copy serves every batch size: the key is the
+input's channels and spatial size and the conv's arguments, which oneDNN's blocked weight layout
+depends on.
 """
 
 from __future__ import annotations
@@ -18,28 +17,26 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .reference import add_relu  # noqa: F401  (oneDNN has no standalone add + ReLU; ATen's vectorised kernels serve it)
 from .reference import preact
+from .weight_cache import DerivedWeights
 
 NAME = "onednn"
 ALLOCATES_OUTPUT = True  # oneDNN's operators return new tensors
 WRITES_INTO_RESIDUAL = True  # through the in-place overload, the sum post-op on the residual's memory
 
-# Each weight keeps packed copies for this many input shapes (oneDNN picks the blocked layout for the
-# shape); older ones are dropped so that inputs of ever-changing size cannot grow memory without bound.
-MAX_SHAPES_PER_WEIGHT = 4
 
 _convolution = torch.ops.mkldnn._convolution_pointwise.default
 _convolution_add = torch.ops.mkldnn._convolution_pointwise.binary
 _convolution_add_into_residual = torch.ops.mkldnn._convolution_pointwise_.binary
 _reorder_weight = torch.ops.mkldnn._reorder_convolution_weight.default
 
-# weight tensor -> (stamp of the weight's contents, {(input shape, conv arguments): packed weight})
-_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# How many convolutions this backend has computed: lets tests check it served a call.
-calls = 0
+
+# Packed copies of each weight, for this many input sizes (channels, height, width) at most: inputs of
+# ever-changing size cannot grow memory without bound.
+MAX_SHAPES_PER_WEIGHT = 4
+_packed = DerivedWeights(per_weight=MAX_SHAPES_PER_WEIGHT)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -50,8 +47,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
-    return _dtype_unsupported_reason(x.dtype)
+def conv_unsupported_reason(call) -> str | None:
+    return _dtype_unsupported_reason(call.x.dtype)
 
 
 @functools.cache  # asked on every call; what the CPU supports never changes
@@ -67,28 +64,24 @@ def _dtype_unsupported_reason(dtype: torch.dtype) -> str | None:
     return f"oneDNN convolutions take float32, bfloat16 or float16, not {dtype}"
 
 
-def _stamp(weight: torch.Tensor) -> tuple:
-    return weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride()
-
-
 def packed_weight(weight, input_shape, stride, padding, dilation, groups) -> torch.Tensor:
-    """`weight` in oneDNN's blocked layout for this input shape and conv, reordered on first use."""
-    if weight.is_inference():
-        # Inference tensors have no version counter, so a cached copy could go stale unseen: oneDNN
-        # reads the plain weight instead (correct, a little slower).
+    """`weight` in oneDNN's blocked layout for inputs of this size and this conv, reordered on first use."""
+    key = (tuple(input_shape[1:]), tuple(stride), tuple(padding), tuple(dilation), groups)
+    if weight.is_inference():  # no version counter: oneDNN reads the plain weight (correct, a little slower)
         return weight.contiguous()
-    stamp = _stamp(weight)
-    entry = _packed.get(weight)
-    if entry is None or entry[0] != stamp:
-        entry = _packed[weight] = (stamp, {})
-    by_shape = entry[1]
-    key = (tuple(input_shape), tuple(stride), tuple(padding), tuple(dilation), groups)
-    packed = by_shape.get(key)
-    if packed is None:
-        if len(by_shape) >= MAX_SHAPES_PER_WEIGHT:
-            del by_shape[next(iter(by_shape))]
-        packed = by_shape[key] = _reorder_weight(weight.contiguous(), padding, stride, dilation, groups, list(input_shape))
-    return packed
+    return _packed.get(
+        weight, key, lambda: _reorder_weight(weight.contiguous(), padding, stride, dilation, groups, list(input_shape))
+    )
+
+
+def repacks() -> int:
+    """How many packed copies were made so far (for benchmarks and tests)."""
+    return _packed.made
+
+
+def forget(weight: torch.Tensor) -> None:
+    """Drops the packed copies of `weight`: the next call packs it afresh."""
+    _packed.forget(weight)
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
@@ -103,9 +96,9 @@ def _as_channels_last(t: torch.Tensor) -> torch.Tensor:
     return t if _is_channels_last(t) else torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
 
 
-def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu):
-    global calls
-    calls += 1
+def conv2d_bias_act(out, call):
+    x, weight, bias, residual = call.x, call.weight, call.bias, call.residual
+    stride, padding, dilation, groups = call.conv_arguments
     # oneDNN reads its operands as dense tensors of the layout their strides suggest: a view with gaps,
     # overlaps or a permuted order would be read out of bounds. The fused network is channels_last
     # throughout, so this copies nothing there.
@@ -125,19 +118,19 @@ def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, g
             y = residual.add_(y) if out is residual else y.add_(residual)
     # Not oneDNN's ReLU post-op: it maps NaN to 0 where eager's relu keeps NaN, so a NaN or Inf in
     # the input would silently vanish. ATen's ReLU runs in place on the just-written output instead.
-    return y.relu_() if relu else y
+    return y.relu_() if call.relu else y
 
 
-def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
-    return _dtype_unsupported_reason(x.dtype)
+def preact_unsupported_reason(call) -> str | None:
+    return _dtype_unsupported_reason(call.x.dtype)
 
 
-def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
+def conv2d_preact(out, out_preact, call):
     # A oneDNN convolution has one output, so z is computed from y once it is written: ATen's addcmul
     # writes it in one pass and ReLU runs in place on it. (One pass would be a depthwise 1x1 oneDNN
     # convolution with a ReLU post-op, but that post-op maps NaN to 0 where torch.relu keeps it.)
-    y = conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu=False)
-    return y, preact(y, scale, shift, out=out_preact)
+    y = conv2d_bias_act(out, call.replace(relu=False))
+    return y, preact(y, call.scale, call.shift, out=out_preact)
 
 
 def add_relu_unsupported_reason(x, y) -> str | None:

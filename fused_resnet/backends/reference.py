@@ -12,26 +12,26 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def conv_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+def conv_unsupported_reason(call) -> str | None:
     return None
 
 
-def conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu):
-    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if residual is not None:
-        y = y.add_(residual)
-    if relu:
+def conv2d_bias_act(out, call):
+    y = F.conv2d(call.x, call.weight, call.bias, *call.conv_arguments)
+    if call.residual is not None:
+        y = y.add_(call.residual)
+    if call.relu:
         y = y.relu_()
     return y
 
 
-def preact_unsupported_reason(x, weight, bias, residual, stride, padding, dilation, groups) -> str | None:
+def preact_unsupported_reason(call) -> str | None:
     return None
 
 
-def conv2d_preact(out, out_preact, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
-    y = conv2d_bias_act(out, x, weight, bias, residual, stride, padding, dilation, groups, relu=False)
-    return y, preact(y, scale, shift, out=out_preact)
+def conv2d_preact(out, out_preact, call):
+    y = conv2d_bias_act(out, call.replace(relu=False))
+    return y, preact(y, call.scale, call.shift, out=out_preact)
 
 
 def preact(y, scale, shift, out=None):

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _interpreting, on_device_of
+from .runtime import interpreting, on_device_of
 
 
 @triton.jit
@@ -42,12 +42,12 @@ def unsupported_reason(x, y) -> str | None:
 
 
 def add_relu(out, x, y, *, traceable=False) -> None:
-    """traceable: launch through torch.library.wrap_triton (see library.py)."""
+    """traceable: launch through torch.library.wrap_triton (see fused_resnet/triton_ops.py)."""
     if _shared_memory_format(out, x, y) is None:
         raise ValueError("add_relu: out must be dense in the memory format of x and y")
     numel = out.numel()
     # The interpreter runs each program in Python: few large blocks are much faster there.
-    block = min(triton.next_power_of_2(numel), 1 << 16) if _interpreting() else 1024
+    block = min(triton.next_power_of_2(numel), 1 << 16) if interpreting() else 1024
     kernel = torch.library.wrap_triton(_add_relu_kernel) if traceable else _add_relu_kernel
     with on_device_of(out):
         kernel[(triton.cdiv(numel, block),)](x, y, out, numel, BLOCK=block, num_warps=4)

@@ -24,8 +24,6 @@ one large-block config is used (see _kernel_and_meta).
 from __future__ import annotations
 
 import functools
-import weakref
-from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -33,8 +31,9 @@ import triton
 import triton.language as tl
 
 from ... import autotune
+from ..weight_cache import DerivedWeights
 from ...validation import conv_output_size
-from . import _interpreting, on_device_of
+from .runtime import interpreting, on_device_of
 
 _INT32_MAX = 2**31 - 1
 # CUDA allows at most 65535 blocks along the second grid axis, which holds the groups.
@@ -348,7 +347,7 @@ def _kernel_and_meta(x: torch.Tensor, named: dict, groups: int):
     (fewer programs and loop steps), capped so that the tests still cross tile boundaries.
     """
     m, cout_g, k_step = problem_size(named)
-    if _interpreting():
+    if interpreting():
         meta = {
             "BLOCK_M": min(_pow2_at_least(m), 64),
             "BLOCK_N": min(_pow2_at_least(cout_g), 32),
@@ -368,34 +367,24 @@ def _kernel_and_meta(x: torch.Tensor, named: dict, groups: int):
 
 
 # Arranged weights, for weights that are not channels_last already (see gemm_weight).
-_ARRANGED_CAPACITY = 256
-_arranged: OrderedDict = OrderedDict()
+_arranged = DerivedWeights()
 
 
 def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
     """The weight as the kernel's B operand: (Cout, R, S, Cin / groups), dense.
 
     A channels_last weight already is that, as a view: no copy. Any other weight is copied once and
-    the copy is cached, so a model that keeps NCHW weights does not re-arrange them on every call.
-    The key holds the version counter (an in-place update misses) and the entry a weak reference to
-    the weight itself: a new tensor that happens to reuse a freed weight's address must miss too.
-    Inference tensors have no version counter, so they are re-arranged on every call.
+    the copy is kept (backends/weight_cache.py), so a model that keeps NCHW weights does not re-arrange
+    them on every call.
     """
-    arranged = weight.detach().permute(0, 2, 3, 1)  # a cached copy must not hold an autograd graph
+    arranged = weight.detach().permute(0, 2, 3, 1)  # a kept copy must not hold an autograd graph
     if arranged.is_contiguous():
         return arranged
-    if weight.is_inference():
-        return arranged.contiguous()
-    key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), weight.dtype, weight.device)
-    hit = _arranged.get(key)
-    if hit is not None and hit[0]() is weight:
-        _arranged.move_to_end(key)
-        return hit[1]
-    arranged = arranged.contiguous()
-    _arranged[key] = (weakref.ref(weight), arranged)
-    if len(_arranged) > _ARRANGED_CAPACITY:
-        _arranged.popitem(last=False)
-    return arranged
+    return _arranged.get(weight, None, arranged.contiguous)
+
+
+def forget(weight: torch.Tensor) -> None:
+    _arranged.forget(weight)
 
 
 def use_tf32(x: torch.Tensor) -> bool:
@@ -492,7 +481,7 @@ def kernel_arguments(out, x, w, bias, residual, stride, padding, dilation, group
         HAS_RESIDUAL=residual is not None,
         RELU=relu,
         PREACT=preact is not None,
-        UPCAST=_interpreting() and x.dtype == torch.bfloat16,
+        UPCAST=interpreting() and x.dtype == torch.bfloat16,
         INPUT_PRECISION=precision,
         GROUP_M=8,
     )
@@ -516,7 +505,7 @@ def launch(out, x, w, bias, residual, stride, padding, dilation, groups, relu, *
     `preact` (a Preact) adds the second output.
 
     traceable: launch through torch.library.wrap_triton, so that torch.compile, torch.export and
-    AOTInductor record the kernel itself in their graph (see library.py); a plain launch otherwise.
+    AOTInductor record the kernel itself in their graph (see fused_resnet/triton_ops.py); a plain launch otherwise.
     """
     args, constexprs = kernel_arguments(out, x, w, bias, residual, stride, padding, dilation, groups, relu,
                                         input_precision(x), preact)

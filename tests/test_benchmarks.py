@@ -1,6 +1,8 @@
 """The end-to-end peers on the CPU through pytest-benchmark (not part of the test suite):
 
-    python -m pytest benchmarks/test_cpu_benchmarks.py --benchmark-only
+    python -m pytest tests/test_benchmarks.py --benchmark-enable --benchmark-only
+
+In the suite (benchmarks disabled) each peer runs once, and its output is checked.
 
 Small inputs, so it runs anywhere; the GPU numbers come from end_to_end.py.
 """

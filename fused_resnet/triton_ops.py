@@ -14,7 +14,7 @@ fused_resnet installed.
 They compute what the fused ops compute, with the Triton backend, and take already validated
 arguments: export_program routes the fused ops to them (fused_resnet.export). A case the kernel does
 not serve is computed with aten ops inside the op, so that it lowers too, and warns like every other
-fallback (fused_resnet.backends.fall_back).
+fallback (fused_resnet.dispatch.fall_back).
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import backends, ops
-from ...validation import check_conv, check_preact
-from .. import reference
-from . import NAME, add_relu_kernel, conv
+from . import backends, dispatch
+from .backends import reference
+from .backends.triton import NAME, add_relu_kernel, conv
+from .call import ConvCall
+from .validation import check_conv, check_preact
 
 
 def _poisoned(out: Tensor) -> Tensor:
-    return out.fill_(float("nan")) if ops.POISON_OUTPUTS else out
+    return out.fill_(float("nan")) if dispatch.POISON_OUTPUTS else out
 
 
 @torch.library.triton_op("fused_resnet_triton::conv2d_bias_act", mutates_args=())
@@ -47,14 +48,14 @@ def conv2d_bias_act(
     groups: int,
     relu: bool,
 ) -> Tensor:
-    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+    call = ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    shape = check_conv(call)
     reason = conv.unsupported_reason(x, weight, stride, padding, dilation, groups)
     if reason is not None:
-        backends.fall_back(NAME, "convolution", reason)
-        backends.note_serving(reference)
-        y = reference.conv2d_bias_act(None, x, weight, bias, residual, stride, padding, dilation, groups, relu)
-        return y.contiguous(memory_format=torch.channels_last)
-    backends.note_serving(backends.get(NAME))
+        dispatch.fall_back(NAME, "convolution", reason)
+        dispatch.note_serving(reference)
+        return reference.conv2d_bias_act(None, call).contiguous(memory_format=torch.channels_last)
+    dispatch.note_serving(backends.get(NAME))
     out = _poisoned(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last))
     if out.numel():
         # No cached weight copy here (gemm_weight keys on data pointers, which tracing has not):
@@ -78,14 +79,15 @@ def conv2d_preact(
     dilation: Sequence[int],
     groups: int,
 ) -> tuple[Tensor, Tensor]:
-    shape = check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+    call = ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, False, scale, shift)
+    shape = check_preact(call)
     reason = conv.unsupported_reason(x, weight, stride, padding, dilation, groups)
     if reason is not None:
-        backends.fall_back(NAME, "convolution with a pre-activation output", reason)
-        backends.note_serving(reference)
-        y, z = reference.conv2d_preact(None, None, x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+        dispatch.fall_back(NAME, "convolution with a pre-activation output", reason)
+        dispatch.note_serving(reference)
+        y, z = reference.conv2d_preact(None, None, call)
         return y.contiguous(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
-    backends.note_serving(backends.get(NAME))
+    dispatch.note_serving(backends.get(NAME))
     y, z = (_poisoned(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)) for _ in "yz")
     if y.numel():
         w = weight.permute(0, 2, 3, 1).contiguous()  # as in conv2d_bias_act above
@@ -100,10 +102,10 @@ def add_relu(x: Tensor, y: Tensor) -> Tensor:
     out = _poisoned(torch.empty_like(x))
     reason = add_relu_kernel.unsupported_reason(x, y)
     if reason is not None:
-        backends.fall_back(NAME, "add_relu", reason)
-        backends.note_serving(reference)
+        dispatch.fall_back(NAME, "add_relu", reason)
+        dispatch.note_serving(reference)
         return out.copy_(torch.relu(x + y))
-    backends.note_serving(backends.get(NAME))
+    dispatch.note_serving(backends.get(NAME))
     if out.numel():
         add_relu_kernel.add_relu(out, x, y, traceable=True)
     return out
@@ -114,13 +116,13 @@ def add_relu(x: Tensor, y: Tensor) -> Tensor:
 # fake implementations) would launch them on fake tensors: give both ops shape-only fakes instead.
 @conv2d_bias_act.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-    shape = check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+    shape = check_conv(ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, relu))
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 @conv2d_preact.register_fake
 def _(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups):
-    shape = check_preact(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups)
+    shape = check_preact(ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, False, scale, shift))
     return tuple(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last) for _ in "yz")
 
 

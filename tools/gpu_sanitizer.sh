@@ -2,8 +2,8 @@
 # Runs a small GPU subset of the tests under compute-sanitizer's memcheck: out-of-bounds and
 # misaligned accesses, and invalid launches, of the Triton and CUDA C++ kernels.
 #
-#   tests/gpu_sanitizer.sh                        the default subset (below)
-#   tests/gpu_sanitizer.sh tests/test_ops.py -k add_relu    any pytest arguments instead
+#   tools/gpu_sanitizer.sh                        the default subset (below)
+#   tools/gpu_sanitizer.sh tests/test_ops.py -k add_relu    any pytest arguments instead
 #
 # The default subset is the edge cases of test_reliability.py (empty batch, 1x1 maps, strided and
 # expanded views, aliasing, NaN/Inf, fp16 overflow) on every available backend, at tiny sizes:

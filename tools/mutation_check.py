@@ -5,9 +5,9 @@ to a temporary directory, plants one bug in the copy, runs the test files that e
 backend against it, and prints how many tests failed and were skipped for each bug. A bug the suite
 catches fails tests; a bug that only turns into skips or passes is a hole in the suite.
 
-    python tests/mutation_check.py                     # every bug, this tree
-    python tests/mutation_check.py --bug relu_before_residual --root /some/other/checkout
-    python tests/mutation_check.py --clean             # also run the unmodified copy, for reference
+    python tools/mutation_check.py                     # every bug, this tree
+    python tools/mutation_check.py --bug relu_before_residual --root /some/other/checkout
+    python tools/mutation_check.py --clean             # also run the unmodified copy, for reference
 
 It takes the Triton interpreter's time: several minutes per bug on a CPU.
 """
@@ -65,7 +65,7 @@ BUGS = {
         "the Triton backend declares bfloat16 unsupported", CONV,
         UNSUPPORTED_HEAD, UNSUPPORTED_HEAD + '    if x.dtype == torch.bfloat16:\n        return "bfloat16 is not supported"\n', 1,
     ),
-}  # fmt: skip
+}
 
 TEST_FILES = ["tests/test_triton_backend.py", "tests/test_properties.py", "tests/test_reliability.py"]
 COPIED = ["fused_resnet", "tests", "pytest.ini"]

@@ -7,9 +7,9 @@ measured: shared memory (compiled.metadata.shared, what the driver must grant), 
 bytes (`ptxas -v` with the flags of Triton's own ptxas run), tensor-core instructions in the PTX
 (mma.sync, wgmma). The table and the checks then apply the kernel's pruning for each kind of device.
 
-    python tests/triton_static.py                 # the full sweep, then the table
-    python tests/triton_static.py --jobs 2 --out sweep.jsonl
-    python tests/triton_static.py --table sweep.jsonl   # the table of a finished sweep
+    python tools/triton_static.py                 # the full sweep, then the table
+    python tools/triton_static.py --jobs 2 --out sweep.jsonl
+    python tools/triton_static.py --table sweep.jsonl   # the table of a finished sweep
 
 tests/test_triton_static.py compiles a subset in CI. Compiled kernels land in Triton's cache
 ($TRITON_CACHE_DIR, default ~/.triton/cache), so a second run only re-runs ptxas.
