@@ -107,8 +107,11 @@ def _check_eval_mode(model: nn.Module) -> None:
         )
 
 
-def fuse_with_report(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None) -> tuple[nn.Module, list[FusionGroup]]:
-    """fr.fuse, and one FusionGroup per fused group and per BatchNorm left unfused (with the reason)."""
+def fuse_with_report(
+    model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None, warn: bool = True
+) -> tuple[nn.Module, list[FusionGroup]]:
+    """fr.fuse, and one FusionGroup per fused group and per normalization layer left unfused (with the
+    reason); with `warn`, one warning when any is left."""
     backends.check_name(backend)
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"dtype must be a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
@@ -127,6 +130,8 @@ def fuse_with_report(model: nn.Module, backend: str = "auto", dtype: torch.dtype
         _swap_blocks(fused, backend, dtype, groups, refusals)
         fused = fuse_graph(fused, backend, dtype, groups, refusals, replaceable=hook_problem(fused) is None)
     _report_remaining_norms(fused, groups)
+    if warn:
+        _warn_left(model, groups)
     fused.eval()
     return fused.to(dtype), groups  # the parts left unfused; the folded weights are already in dtype
 
@@ -162,13 +167,13 @@ def _warn_left(model: nn.Module, groups: list[FusionGroup]) -> None:
         warnings.warn(
             f"fused_resnet.fuse: nothing in {type(model).__name__} could be fused (no conv followed by BatchNorm, "
             "residual add or ReLU that is safe to rewrite); returning an unfused copy. fr.inspect(model) says why",
-            stacklevel=3,
+            stacklevel=4,
         )
     elif left:
         warnings.warn(
             f"fused_resnet.fuse: {len(left)} normalization layer{'s' if len(left) > 1 else ''} of "
             f"{type(model).__name__} still run as they are; fr.inspect(model) says why for each",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -191,6 +196,4 @@ def fuse(
         verify = os.environ.get("FUSED_RESNET_VERIFY", "0") == "1"
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool or None, got {verify!r}")
-    fused, groups = fuse_with_report(model, backends.verified(backend) if verify else backend, dtype)
-    _warn_left(model, groups)
-    return fused
+    return fuse_with_report(model, backends.verified(backend) if verify else backend, dtype)[0]

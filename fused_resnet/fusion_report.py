@@ -82,5 +82,5 @@ class FusionReport:
 def inspect(model: nn.Module) -> FusionReport:
     """What fr.fuse(model) fuses: one row per fused group, and per BatchNorm left as it is with the reason.
     The model is not modified."""
-    fused, groups = fuse_with_report(model, backend="torch")
+    fused, groups = fuse_with_report(model, backend="torch", warn=False)
     return FusionReport(type(model).__name__, _batch_norms(model), _batch_norms(fused), groups)

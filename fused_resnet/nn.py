@@ -13,7 +13,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -139,7 +139,7 @@ class FusedConv2d(nn.Module):
         `residual_writable=True`: the caller will not read `residual` again (see ops.conv2d_bias_act)."""
         relu = self.relu if relu is None else relu
         # Checked here, after this module's pre-hooks ran: a hook that saw `residual` may keep it.
-        residual_writable = residual_writable and residual is not None and not _hooked(self) and not is_fx_tracing()
+        residual_writable = residual_writable and residual is not None and not _hooked(self) and not _tracing()
         y = conv2d_bias_act(
             x, self.weight, self.bias, residual, relu=relu, residual_writable=residual_writable, **self._conv_arguments()
         )
@@ -220,6 +220,11 @@ def fuse_downsample(downsample: nn.Module | None, backend: str, dtype=None) -> n
         stacklevel=3,
     )
     return copy.deepcopy(downsample).to(dtype)
+
+
+def _tracing() -> bool:
+    """torch.fx, torch.export or torch.compile is tracing: what the code does is recorded, not run once."""
+    return is_fx_symbolic_tracing() or torch.compiler.is_compiling()
 
 
 def _is_channels_last(t: Tensor) -> bool:
@@ -348,7 +353,7 @@ class FusedResNet(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        tracing = is_fx_tracing()
+        tracing = _tracing()
         if not tracing and (not isinstance(x, Tensor) or x.dim() != 4):
             got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(

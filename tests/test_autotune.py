@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fused_resnet.call import ConvCall
-from fused_resnet import autotune, backends
+from fused_resnet import autotune, backends, dispatch
 
 
 @pytest.fixture
@@ -85,7 +85,8 @@ def test_auto_uses_the_tuned_backend_on_cuda(monkeypatch):
 
     monkeypatch.setattr(backends, "auto_order", lambda device: ("cudnn", "torch"))
     monkeypatch.setattr(backends.get("cudnn"), "unavailable_reason", lambda device: None)
-    chosen = backends._select("auto", torch.device("cpu"), "convolution", lambda b: None, tune)
+    call = ConvCall.of(torch.empty(1, 1, 1, 1), torch.empty(1, 1, 1, 1))  # a CPU call every backend here serves
+    chosen = dispatch._select(dispatch.CONV, "auto", call, tune)
     assert seen == ["cudnn", "torch"] and chosen.NAME == "torch"
 
 

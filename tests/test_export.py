@@ -161,7 +161,8 @@ def test_export_lowered_to_triton_kernels(poisoned_outputs, monkeypatch, tmp_pat
     fused = fr.fuse(model)
     images = lambda batch: torch.randn(batch, 8, 9, 7, generator=torch.Generator().manual_seed(batch))  # noqa: E731
     program = export_program(fused, images(2), lower_to="triton")
-    assert _targets(program) == {"fused_resnet_triton.conv2d_bias_act.default"}
+    # (clone: each fused block returns its output in eager's memory format, NCHW here, as the model does)
+    assert _targets(program) - {"aten.clone.default"} == {"fused_resnet_triton.conv2d_bias_act.default"}
     save_program(program, tmp_path / "model.pt2")
     loaded = torch.export.load(tmp_path / "model.pt2").module()
     for batch in (1, 3):

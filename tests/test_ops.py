@@ -291,7 +291,9 @@ class _Recording(TorchDispatchMode):
         (torch.enable_grad, False, False),  # nothing to record: no input requires grad
         (torch.enable_grad, True, True),  # autograd must see the op
         (_Recording, False, True),
-        (torch.autograd.forward_ad.dual_level, False, True),
+        # Forward-mode AD: computed by the aten ops the fused op stands for, which have tangent rules (the
+        # custom op has none): neither the plain call nor the dispatcher.
+        (torch.autograd.forward_ad.dual_level, False, False),
     ],
 )
 def test_only_plain_eager_calls_skip_the_dispatcher(monkeypatch, context, requires_grad, dispatched):

@@ -18,7 +18,7 @@ class _RecordsCudnnAutotuner(nn.Module):
 
 def test_cudnn_peer_runs_with_the_cudnn_autotuner(monkeypatch):
     probe = _RecordsCudnnAutotuner()
-    monkeypatch.setattr(peers.fr, "fuse", lambda model, backend: probe if backend == "cudnn" else model)
+    monkeypatch.setattr(peers, "fuse", lambda model, backend: probe if backend == "cudnn" else model)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     cudnn = peers.build("cudnn fused", nn.Identity(), torch.float32)
     cudnn(torch.zeros(1))
