@@ -6,7 +6,7 @@ PYTHON ?= python3
 # torch is installed only when missing, so a machine with its own CUDA build of torch keeps it.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS = setuptools wheel ninja pybind11 nvidia-cutlass==4.2.0.0
-TEST_DEPS = pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript timm
+TEST_DEPS = pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript timm openvino
 
 .PHONY: setup setup-test run test gpu gpu-full gpu-tests
 

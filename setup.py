@@ -144,6 +144,8 @@ setup(
     install_requires=["torch>=2.4", "torchvision"],
     extras_require={
         "triton": ["triton"],
+        # The CPU inference engines the end-to-end benchmark measures against (skipped when missing).
+        "cpu-peers": ["onnxruntime", "openvino"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime", "onnxscript", "timm"],
     },
     ext_modules=ext_modules,

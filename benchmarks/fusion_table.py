@@ -17,6 +17,7 @@ import torch
 from torch.utils import benchmark
 
 import fused_resnet as fr
+from fused_resnet import cpu_isa
 from fused_resnet.architectures import OTHER_MODELS, build
 from fused_resnet.fold import BN_TYPES
 from fused_resnet.fusion_report import batch_norm_ops
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"fp32 CPU, batch {args.batch}, {args.image_size}x{args.image_size}, {args.threads} threads, median of {args.runs}")
+    print(f"fp32 CPU (oneDNN at {cpu_isa.describe()}), batch {args.batch}, {args.image_size}x{args.image_size}, {args.threads} threads, median of {args.runs}")
     print("| model | BN modules -> BN ops after | error vs float64 (eager's) | parity | eager ms | fused ms | eager/fused | load |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:

@@ -15,16 +15,19 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 
 import fused_resnet as fr
 
-from . import backends
+from . import backends, inference_engines
 
 EAGER = ("eager NCHW", "eager channels_last", "torch.fx fold")
 COMPILED = ("compile default", "compile freezing", "compile max-autotune+freezing", "compile reduce-overhead")
 OURS = ("ours torch", "ours triton", "ours cuda", "ours onednn", "ours auto", "ours auto + CUDA graph")
-ALL = (*EAGER, *COMPILED, "cudnn fused", *OURS)
+# The CPU inference engines (optional packages; see inference_engines.py).
+ENGINES = {"ONNX Runtime": "onnxruntime", "OpenVINO": "openvino"}
+ALL = (*EAGER, *COMPILED, "cudnn fused", *ENGINES, *OURS)
 # The CPU comparison: eager, BN folded by torch.fx, Inductor with freezing (which runs the same oneDNN
-# primitives as our CPU backend, after a compile step) and without, and ours. Freezing comes first so
-# that its compile time is measured on cold caches, not on kernels the other compiled peer left.
-CPU = ("eager NCHW", "eager channels_last", "torch.fx fold", "compile freezing", "compile default", "ours auto")
+# primitives as our CPU backend, after a compile step) and without, ONNX Runtime and OpenVINO, and
+# ours. Freezing comes first so that its compile time is measured on cold caches, not on kernels the
+# other compiled peer left.
+CPU = ("eager NCHW", "eager channels_last", "torch.fx fold", "compile freezing", "compile default", *ENGINES, "ours auto")
 _BACKEND_OF = {
     "cudnn fused": "cudnn", "ours torch": "torch", "ours triton": "triton", "ours cuda": "cuda", "ours onednn": "onednn", "ours auto": "auto",
 }  # fmt: skip
@@ -70,8 +73,10 @@ def of_backend(backend: str) -> str:
     return next(name for name, b in _BACKEND_OF.items() if b == backend)
 
 
-def unavailable_reason(name: str, device: torch.device) -> str | None:
-    """Why a peer cannot run on `device`, or None."""
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why a peer cannot run on `device` (in `dtype`, when given), or None."""
+    if name in ENGINES:
+        return inference_engines.unavailable_reason(ENGINES[name], device, dtype)
     backend = _BACKEND_OF.get(name)
     if backend not in (None, "auto"):
         return backends.get(backend).unavailable_reason(device)
@@ -82,6 +87,8 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
 def build(name: str, model: nn.Module, dtype: torch.dtype) -> Callable:
     """Peer `name` for `model` (on its device, eval mode), computing in `dtype`."""
+    if name in ENGINES:
+        return inference_engines.build(ENGINES[name], model, dtype)
     model = copy.deepcopy(model).to(dtype).eval()
     if name == "eager NCHW":
         return lambda x: model(x)
