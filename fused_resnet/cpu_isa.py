@@ -84,8 +84,10 @@ def cap_setting(environ=os.environ) -> tuple[str, str] | None:
 
 
 def cpu_features() -> frozenset:
-    """The CPU features torch detects (its cpuinfo), as the names LEVELS uses."""
-    return frozenset(name for name, present in torch.cpu.get_capabilities().items() if present is True)
+    """The CPU features torch detects (its cpuinfo), as the names LEVELS uses. (A torch older than
+    torch.cpu.get_capabilities reports none: the level is then unknown, and nothing is claimed.)"""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return frozenset(name for name, present in capabilities.items() if present is True)
 
 
 def level(features: frozenset | None = None, environ=os.environ) -> Level | None:
@@ -129,7 +131,7 @@ def _has(feature: str) -> bool:
 def onednn_computes(dtype: torch.dtype) -> bool | None:
     """Whether oneDNN has convolutions in `dtype` at this level (None off x86-64: not known here).
     torch asks oneDNN the same question (torch.ops.mkldnn._is_mkldnn_bf16_supported and _fp16_); the
-    tests check that both agree under every cap."""
+    tests check that both agree, uncapped and under several caps."""
     if _level_here() is None:
         return None
     if dtype == torch.float32:
