@@ -6,7 +6,7 @@ PYTHON ?= python3
 # torch is installed only when missing, so a machine with its own CUDA build of torch keeps it.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS = setuptools wheel ninja pybind11 nvidia-cutlass==4.2.0.0
-TEST_DEPS = pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript timm ruff
+TEST_DEPS = pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript timm openvino ruff
 
 .PHONY: setup setup-test run test gpu gpu-full gpu-tests
 
@@ -14,9 +14,10 @@ PIP_INSTALL = $(PYTHON) -m pip install -q --disable-pip-version-check --root-use
 # Succeeds when all the requirements named are installed; pip runs only when one is not.
 INSTALLED = $(PYTHON) fused_resnet/_build/missing_requirements.py
 
-# fused_resnet/_build/setup_stamp.py runs `pip install -e .` (which compiles the CUDA extension) only when the
-# sources, torch, the arch list or the toolchain changed since the last install; then ninja recompiles
-# only what changed. It prints one line: what the extension is built for, or why it is not.
+# fused_resnet/_build/setup_stamp.py runs `pip install -e .` (which compiles the CUDA extension where there is
+# an nvcc and a GPU, or FUSED_RESNET_BUILD_CUDA=1) only when the sources, torch, the arch list, the toolchain
+# or the GPU's presence changed since the last install; then ninja recompiles only what changed. It prints
+# one line: what the extension is built for, or why it is not.
 setup:
 	@$(INSTALLED) torch torchvision || $(PIP_INSTALL) $(TORCH_PINS)
 	@$(INSTALLED) $(BUILD_DEPS) || $(PIP_INSTALL) $(BUILD_DEPS)

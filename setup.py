@@ -6,7 +6,9 @@ TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0a"). Hopper's 
 instructions (wgmma) and TMA need arch-specific sm_90a machine code: a "9.0" in the list is built as
 "9.0a" (a cubin for the same devices), and the Hopper conv kernels are built whenever 9.0a is in it.
 Without nvcc the pure-Python package is installed, and backend="cuda" explains that the extension
-was not built. Either way one line starting "CUDA extension: " says what is built, or why nothing is
+was not built. Without a GPU (torch.cuda.is_available() is False) it is not built either, since
+nothing here could run it, unless FUSED_RESNET_BUILD_CUDA=1 (CI sets it: the build and its machine
+code are tested without a GPU). Either way one line starting "CUDA extension: " says what is built, or why nothing is
 (fused_resnet/_build/setup_stamp.py, which `make` runs, shows it).
 """
 
@@ -83,6 +85,8 @@ elif os.environ.get("FUSED_RESNET_SKIP_CUDA_BUILD") == "1":
     not_built = "FUSED_RESNET_SKIP_CUDA_BUILD=1"
 elif CUDA_HOME is None:
     not_built = "no nvcc found (no CUDA toolkit); backend='cuda' will say so"
+elif os.environ.get("FUSED_RESNET_BUILD_CUDA") != "1" and not torch.cuda.is_available():
+    not_built = "no GPU here (torch.cuda.is_available() is False); FUSED_RESNET_BUILD_CUDA=1 builds it anyway"
 else:
     not_built = None
 
@@ -140,6 +144,8 @@ setup(
     install_requires=["torch>=2.4", "torchvision"],
     extras_require={
         "triton": ["triton"],
+        # The CPU inference engines the end-to-end benchmark measures against (skipped when missing).
+        "cpu-peers": ["onnxruntime", "openvino"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime", "onnxscript", "timm"],
     },
     ext_modules=ext_modules,

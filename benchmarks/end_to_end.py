@@ -6,17 +6,20 @@
 
 Peers (fused_resnet.peers): eager NCHW and channels_last, BN folded by torch.fx, torch.compile
 (default, with freezing, max-autotune with freezing, reduce-overhead), cuDNN fused ops, and ours per
-backend and with a CUDA graph; on the CPU the set in peers.CPU. Peers are timed round-robin, so a busy
-spell of a shared machine falls on all of them alike; medians with their p20-p80 spread. Each peer's
-setup (built from the model, then its first call: compilation, or for ours fr.fuse to first output)
-is timed separately, with Inductor's caches in a fresh directory so compile times are not cache hits.
-Every peer's output is also compared with fp32 eager on the same batch, so a fast wrong answer shows.
+backend and with a CUDA graph; on the CPU the set in peers.CPU, with ONNX Runtime and OpenVINO where
+they are installed (pip install onnxruntime openvino; a missing one is skipped with its reason).
+Peers are timed round-robin, so a busy spell of a shared machine falls on all of them alike; medians
+with their p20-p80 spread. Each peer's setup (built from the model, then its first call: compilation,
+export, or for ours fr.fuse to first output) is timed separately, with Inductor's caches in a fresh directory so compile times are not cache hits.
+Every peer's output is also compared with fp32 eager and with float64 eager on the same batch, so a
+fast wrong answer shows. A CPU run states the instruction-set level oneDNN runs at (fused_resnet.cpu_isa).
 Writes benchmarks/results/end_to_end-<time>.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import sys
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_io import environment, write  # noqa: E402
 
-from fused_resnet import peers  # noqa: E402
+from fused_resnet import cpu_isa, peers  # noqa: E402
 from fused_resnet.architectures import build  # noqa: E402
 from fused_resnet.parity import relative_error  # noqa: E402
 from fused_resnet.timing import interleaved_ms, quantiles  # noqa: E402
@@ -38,10 +41,13 @@ from fused_resnet.timing import interleaved_ms, quantiles  # noqa: E402
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 COLUMNS = [
     "arch", "dtype", "batch", "peer", "median_ms", "p20_ms", "p80_ms", "spread", "img_per_s",
-    "vs_eager", "vs_freezing", "vs_max_autotune", "setup_s", "error_vs_fp32",
+    "vs_eager", "vs_freezing", "vs_max_autotune", "vs_onnxruntime", "vs_openvino", "setup_s", "error_vs_fp32", "error_vs_fp64",
 ]
 # Ratio columns: the peer's median time over ours (> 1: the row is faster than that peer).
-RATIOS = {"vs_eager": "eager NCHW", "vs_freezing": "compile freezing", "vs_max_autotune": "compile max-autotune+freezing"}
+RATIOS = {
+    "vs_eager": "eager NCHW", "vs_freezing": "compile freezing", "vs_max_autotune": "compile max-autotune+freezing",
+    "vs_onnxruntime": "ONNX Runtime", "vs_openvino": "OpenVINO",
+}
 MAX_SPREAD = 0.10
 
 
@@ -64,16 +70,19 @@ def measure(args, device) -> list[dict]:
     rows = []
     for arch in args.archs:
         model = build(arch, torch.Generator().manual_seed(0)).to(device)
+        exact_model = copy.deepcopy(model).double()
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
-            names = [p for p in args.peers if peers.unavailable_reason(p, device) is None]
-            skipped = [p for p in args.peers if p not in names]
-            if skipped:
-                print(f"skipping on {device}: {', '.join(skipped)}", flush=True)
+            reasons = {p: peers.unavailable_reason(p, device, dtype) for p in args.peers}
+            names = [p for p, reason in reasons.items() if reason is None]
+            for p, reason in reasons.items():
+                if reason is not None:
+                    print(f"skipping {p} on {device} in {dtype_name}: {reason}", flush=True)
             for batch in args.batches:
                 x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
                 with torch.no_grad():
                     expected = model(x)
+                    exact = exact_model(x.double())
                 x = x.to(dtype)
                 # Built per batch size: a compiled peer compiles once, for this shape, in its setup.
                 # Dynamo forgets the earlier cells' graphs first: every model shares ResNet.forward,
@@ -83,7 +92,8 @@ def measure(args, device) -> list[dict]:
                 for name in names:
                     run, out, setup_s = set_up(name, model, dtype, x, device)
                     runners[name] = run
-                    group.append(dict(arch=arch, dtype=dtype_name, batch=batch, peer=name, setup_s=setup_s, error_vs_fp32=relative_error(out.float(), expected)))
+                    errors = dict(error_vs_fp32=relative_error(out.float(), expected), error_vs_fp64=relative_error(out.double(), exact))
+                    group.append(dict(arch=arch, dtype=dtype_name, batch=batch, peer=name, setup_s=setup_s, **errors))
                 times = interleaved_ms({name: (lambda run=run: run(x)) for name, run in runners.items()}, device, reps=args.reps, warmup=args.warmup)
                 for row in group:
                     p20, median, p80 = quantiles(times[row["peer"]])
@@ -95,7 +105,7 @@ def measure(args, device) -> list[dict]:
                     print(
                         f"{arch} {dtype_name} batch {batch:4d} {row['peer']:30s} {row['median_ms']:9.3f} ms "
                         f"(p20-p80 {row['spread']:5.1%}) {row['img_per_s']:9.1f} img/s  {_ratios(row)}"
-                        f"setup {row['setup_s']:6.2f} s  error {row['error_vs_fp32']:.2e}",
+                        f"setup {row['setup_s']:6.2f} s  error vs fp32 {row['error_vs_fp32']:.2e}, vs fp64 {row['error_vs_fp64']:.2e}",
                         flush=True,
                     )
                     if row["spread"] > MAX_SPREAD:
@@ -112,7 +122,8 @@ def _ratios(row) -> str:
 
 
 def cpu_goals(rows: list[dict]) -> str:
-    """Ours against Inductor with freezing in every cell, and fr.fuse-to-first-output against its compile time."""
+    """Ours against Inductor with freezing in every cell (and ONNX Runtime and OpenVINO where they ran, with
+    their error against float64 beside ours), and fr.fuse-to-first-output against Inductor's compile time."""
     lines = []
     cells = dict.fromkeys((r["arch"], r["dtype"], r["batch"]) for r in rows)
     for arch, dtype, batch in cells:
@@ -120,9 +131,15 @@ def cpu_goals(rows: list[dict]) -> str:
         ours, frozen = cell.get("ours auto"), cell.get("compile freezing")
         if ours is None or frozen is None:
             continue
+        engines = "".join(
+            f", {ours[column]:.2f}x {peer} ({cell[peer]['median_ms']:.1f} ms, error vs fp64 {cell[peer]['error_vs_fp64']:.1e})"
+            for column, peer in RATIOS.items()
+            if peer in peers.ENGINES and peer in cell
+        )
         lines.append(
-            f"- {arch} {dtype} batch {batch}: ours {ours['median_ms']:.1f} ms = {ours['vs_freezing']:.2f}x Inductor freezing "
-            f"({frozen['median_ms']:.1f} ms), {ours['vs_eager']:.2f}x eager NCHW; fr.fuse to first output {ours['setup_s']:.2f} s "
+            f"- {arch} {dtype} batch {batch}: ours {ours['median_ms']:.1f} ms (error vs fp64 {ours['error_vs_fp64']:.1e}) = "
+            f"{ours['vs_freezing']:.2f}x Inductor freezing ({frozen['median_ms']:.1f} ms), {ours['vs_eager']:.2f}x eager NCHW{engines}; "
+            f"fr.fuse to first output {ours['setup_s']:.2f} s "
             f"= {ours['setup_s'] / frozen['setup_s']:.1%} of Inductor's compile + first call ({frozen['setup_s']:.1f} s)"
         )
     noisy = sum(r["spread"] > MAX_SPREAD for r in rows)
@@ -203,7 +220,7 @@ def main(argv=None) -> int:
     # Compile times as on a fresh machine: Inductor's caches start empty in every run.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cache-"))
     if on_cpu:
-        print(f"timing on the CPU with {torch.get_num_threads()} threads", flush=True)
+        print(f"timing on the CPU with {torch.get_num_threads()} threads; oneDNN runs at {cpu_isa.describe()}", flush=True)
     env = environment(device)  # before measuring: the load average and commit the run started with
     rows = measure(args, device)
     summary = cpu_goals(rows) if on_cpu else goals(rows)

@@ -22,6 +22,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import fused_resnet as fr
+from fused_resnet import cpu_isa
 from fused_resnet.architectures import OTHER_MODELS, build
 from fused_resnet.fusion_report import NORM_OPS, batch_norm_ops
 from fused_resnet.parity import parity, randomize_bn_
@@ -109,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"fp32 CPU, batch {args.batch}, {args.image_size}x{args.image_size}, {args.threads} threads, backend "
+        f"fp32 CPU (oneDNN at {cpu_isa.describe()}), batch {args.batch}, {args.image_size}x{args.image_size}, {args.threads} threads, backend "
         f"{args.backend!r}, median of {args.runs}; torch {torch.__version__}, fused_resnet {fr.__version__}"
     )
     print("| model | outputs | worst error vs float64 (eager's), parity | norm ops eager -> fused | left unfused (fr.inspect) | eager/fused time | load |")

@@ -18,7 +18,7 @@ import os
 import torch
 
 import fused_resnet as fr
-from fused_resnet import graph_fuse
+from fused_resnet import cpu_isa, graph_fuse
 from fused_resnet.architectures import build
 from fused_resnet.fusion_report import batch_norm_ops
 from fused_resnet.parity import parity
@@ -48,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"{args.arch}, batch {args.batch}, {args.image_size}x{args.image_size}, {args.threads} threads, "
           f"backend {args.backend!r}, {args.reps} interleaved rounds; load average at the start "
-          f"{os.getloadavg()[0]:.2f}, torch {torch.__version__}")
+          f"{os.getloadavg()[0]:.2f}, oneDNN at {cpu_isa.describe()}, torch {torch.__version__}")
     print("| dtype | fused | BN ops at run time | parity | median ms | p20 | p80 | without / with |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     model = build(args.arch, torch.Generator().manual_seed(0))

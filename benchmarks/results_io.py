@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from fused_resnet import cpu_isa
+
 RESULTS = Path(__file__).resolve().parent / "results"
 README = RESULTS.parent.parent / "README.md"
 BENCHMARKS = ("end_to_end", "per_layer")
@@ -59,6 +61,8 @@ def environment(device: torch.device) -> dict:
         "device_type": device.type,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
+        # The instruction-set level oneDNN runs at, with the ONEDNN_MAX_CPU_ISA cap that lowered it if any.
+        "cpu_isa": cpu_isa.describe() if device.type == "cpu" else None,
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "driver": None,
         "torch": torch.__version__,
@@ -98,7 +102,7 @@ def write(name: str, rows: list[dict], columns: list[str], env: dict, summary: s
     base.with_suffix(".json").write_text(json.dumps([{**row, **env} for row in rows], indent=1) + "\n")
     if env.get("device_type") == "cpu":
         load = "" if env.get("load_average") is None else f" (load average {env['load_average']:.2f} at the start)"
-        machine = f"{env['device']}, {env['threads']} threads{load}, torch {env['torch']}"
+        machine = f"{env['device']}, {env['threads']} threads{load}, oneDNN at {env.get('cpu_isa')}, torch {env['torch']}"
     else:
         machine = (
             f"{env['device']}, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, "

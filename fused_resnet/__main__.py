@@ -161,7 +161,7 @@ def time_peers(args, generator: torch.Generator) -> None:
     print(f"{'':30s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'img/s':>9s} {'vs eager':>8s}")
     baseline, noisy = None, []
     for name in names:
-        reason = peers.unavailable_reason(name, args.device)
+        reason = peers.unavailable_reason(name, args.device, dtype)
         if reason is not None:
             print(f"{name:30s} skipped: {reason}")
             continue

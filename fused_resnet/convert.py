@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from . import backends
+from . import backends, cpu_isa
 from .graph_fuse import FusionGroup, fuse_graph, scan
 from .known_modules import (
     bn_activation, bn_problem, block_twin_problem, conv_problem, hook_problem, is_relu, is_training_batch_norm,
@@ -177,6 +177,22 @@ def _warn_left(model: nn.Module, groups: list[FusionGroup]) -> None:
         )
 
 
+def _warn_if_slower_than_float32(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """One warning when the fused model will compute in a dtype this CPU runs slower than float32. Not
+    where a GPU is present: a model fused on the CPU there is usually moved to the GPU next."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type != "cpu" or torch.cuda.is_available():
+        return
+    dtype = dtype or parameter.dtype
+    reason = cpu_isa.slower_than_float32_reason(dtype)
+    if reason is not None:
+        warnings.warn(
+            f"fused_resnet.fuse: {str(dtype).removeprefix('torch.')} computes slower than float32 on this CPU, "
+            f"so float32 is faster here: {reason}",
+            stacklevel=3,
+        )
+
+
 def fuse(
     model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None, verify: bool | None = None
 ) -> nn.Module:
@@ -196,4 +212,5 @@ def fuse(
         verify = os.environ.get("FUSED_RESNET_VERIFY", "0") == "1"
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool or None, got {verify!r}")
+    _warn_if_slower_than_float32(model, dtype)
     return fuse_with_report(model, backends.verified(backend) if verify else backend, dtype)[0]

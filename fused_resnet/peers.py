@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
-from . import backends
+from . import backends, inference_engines
 from .convert import fuse
 from .cuda_graph import CUDAGraphModule
 
@@ -23,11 +23,14 @@ COMPILED = ("compile default", "compile freezing", "compile max-autotune+freezin
 _BACKEND_OF = {**{b.peer_name: b.name for b in backends.BACKENDS}, "ours auto": "auto"}
 OURS = (*(name for name in _BACKEND_OF if name.startswith("ours")), "ours auto + CUDA graph")
 LIBRARY = tuple(name for name in _BACKEND_OF if not name.startswith("ours"))  # "cudnn fused"
-ALL = (*EAGER, *COMPILED, *LIBRARY, *OURS)
+# The CPU inference engines (optional packages; see inference_engines.py).
+ENGINES = {"ONNX Runtime": "onnxruntime", "OpenVINO": "openvino"}
+ALL = (*EAGER, *COMPILED, *LIBRARY, *ENGINES, *OURS)
 # The CPU comparison: eager, BN folded by torch.fx, Inductor with freezing (which runs the same oneDNN
-# primitives as our CPU backend, after a compile step) and without, and ours. Freezing comes first so
-# that its compile time is measured on cold caches, not on kernels the other compiled peer left.
-CPU = ("eager NCHW", "eager channels_last", "torch.fx fold", "compile freezing", "compile default", "ours auto")
+# primitives as our CPU backend, after a compile step) and without, ONNX Runtime and OpenVINO, and
+# ours. Freezing comes first so that its compile time is measured on cold caches, not on kernels the
+# other compiled peer left.
+CPU = ("eager NCHW", "eager channels_last", "torch.fx fold", "compile freezing", "compile default", *ENGINES, "ours auto")
 
 
 def _compiled(model: nn.Module, mode: str, freezing: bool = False) -> Callable:
@@ -70,8 +73,10 @@ def of_backend(backend: str) -> str:
     return next(name for name, b in _BACKEND_OF.items() if b == backend)
 
 
-def unavailable_reason(name: str, device: torch.device) -> str | None:
-    """Why a peer cannot run on `device`, or None."""
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why a peer cannot run on `device` (in `dtype`, when given), or None."""
+    if name in ENGINES:
+        return inference_engines.unavailable_reason(ENGINES[name], device, dtype)
     backend = _BACKEND_OF.get(name)
     if backend not in (None, "auto"):
         return backends.get(backend).unavailable_reason(device)
@@ -82,6 +87,8 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
 def build(name: str, model: nn.Module, dtype: torch.dtype) -> Callable:
     """Peer `name` for `model` (on its device, eval mode), computing in `dtype`."""
+    if name in ENGINES:
+        return inference_engines.build(ENGINES[name], model, dtype)
     model = copy.deepcopy(model).to(dtype).eval()
     if name == "eager NCHW":
         return lambda x: model(x)

@@ -1,11 +1,21 @@
 """What the tests share: eager PyTorch's conv + bias (+ residual) (+ ReLU), the float64 reference of the
-parity rule (fused_resnet.parity), and the assertion of that rule."""
+parity rule (fused_resnet.parity), the assertion of that rule, and what a test of a oneDNN dtype does
+where the CPU lacks it.
+
+oneDNN's bfloat16 and float16 depend on the CPU and on ONEDNN_MAX_CPU_ISA (an AVX2 machine has
+neither), so a test asks the backend, and where the dtype is missing checks what the backend documents
+for a case it does not serve, instead of failing or leaving the case out."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 import torch.nn.functional as F
 
+from fused_resnet import backends, cpu_isa, dispatch
+from fused_resnet.call import ConvCall
 from fused_resnet.parity import parity
 
 
@@ -36,3 +46,33 @@ def assert_parity(out, *args, **kwargs):
     at most twice eager PyTorch's in out's dtype, plus a floor."""
     result = parity(out, eager_conv(*args, dtype=out.dtype, **kwargs), reference_conv(*args, **kwargs))
     assert result.ok, str(result)
+
+
+def onednn_reason(dtype: torch.dtype) -> str | None:
+    """Why the oneDNN backend does not serve `dtype` convolutions here (None: it does)."""
+    return backends.get("onednn").conv_unsupported_reason(ConvCall.of(torch.empty(0, dtype=dtype), None))
+
+
+def run_on_onednn(call, dtype: torch.dtype, request, served):
+    """call(), which computes `dtype` convolutions with backend="onednn", and its result.
+
+    Where oneDNN serves `dtype` here, it runs inside `served` (a context manager that checks oneDNN
+    computed it). Where it does not, the test checks the documented refusal instead: under
+    FUSED_RESNET_STRICT=1 a RuntimeError naming cpu_isa's reason (which names the ISA); with the
+    fallback allowed one warning naming it, and the reference computing every op. That result is
+    returned, so that the test's own checks of the numbers still run.
+    """
+    reason = onednn_reason(dtype)
+    if reason is None:
+        with served:
+            return call()
+    assert reason == cpu_isa.missing_reason(dtype) and cpu_isa.onednn_isa() in reason
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setattr(dispatch, "STRICT", True)
+    with pytest.raises(RuntimeError, match=re.escape(reason) + ".*FUSED_RESNET_STRICT=1 forbids falling back"):
+        call()
+    request.getfixturevalue("fallback_allowed")
+    with pytest.warns(UserWarning, match=re.escape(reason)), dispatch.record_serving() as served_by:
+        out = call()
+    assert served_by and set(served_by) == {"torch"}, served_by
+    return out

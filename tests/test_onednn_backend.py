@@ -18,13 +18,14 @@ from fused_resnet.call import ConvCall
 from fused_resnet.architectures import build
 from fused_resnet.export import export_program
 from fused_resnet.parity import parity, relative_error, top1_agreement
-from helpers import eager_conv, reference_conv
+from helpers import eager_conv, onednn_reason, reference_conv, run_on_onednn
 
 pytestmark = pytest.mark.skipif(
     backends.get("onednn").unavailable_reason(torch.device("cpu")) is not None, reason="PyTorch built without oneDNN"
 )
 onednn = backends.get("onednn")
-DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+# bfloat16 where oneDNN has it; elsewhere the bfloat16 cases check the backend's refusal (helpers.run_on_onednn).
+DTYPES = [torch.float32, torch.bfloat16]
 
 
 # (C, H, W, Cout, kernel, stride, padding, dilation, groups): each kind of conv in the ten ResNets,
@@ -69,10 +70,11 @@ def served_by_onednn(expected_calls=1):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 @pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (True, False), (False, False)], ids=["relu", "res+relu", "res", "plain"])
 @pytest.mark.parametrize("shape_class", SHAPE_CLASSES)
-def test_matches_reference_and_float64(shape_class, residual, relu, memory_format, batch, dtype, generator):
+def test_matches_reference_and_float64(shape_class, residual, relu, memory_format, batch, dtype, generator, request):
     x, weight, bias, r, conv = make(shape_class, batch, dtype, memory_format, residual, generator)
-    with served_by_onednn():
-        out = ops.conv2d_bias_act(x, weight, bias, r, relu=relu, backend="onednn", **conv)
+    out = run_on_onednn(
+        lambda: ops.conv2d_bias_act(x, weight, bias, r, relu=relu, backend="onednn", **conv), dtype, request, served_by_onednn()
+    )
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     reference = ops.conv2d_bias_act(x, weight, bias, r, relu=relu, backend="torch", **conv)
     eager = eager_conv(x, weight, bias, r, dtype=dtype, relu=relu, **conv)
@@ -150,13 +152,13 @@ def test_cache_follows_in_place_edits_and_load_state_dict(generator):
 
 
 @torch.no_grad()
-def test_cache_follows_to_dtype(generator):
+def test_cache_follows_to_dtype(generator, request):
     module = fused_conv(generator)
     x = torch.randn(2, 8, 6, 6, generator=generator)
-    with served_by_onednn(2):
+    with served_by_onednn():
         module(x)
-        module.to(torch.bfloat16)
-        out = module(x.bfloat16())
+    module.to(torch.bfloat16)
+    out = run_on_onednn(lambda: module(x.bfloat16()), torch.bfloat16, request, served_by_onednn())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected(module, x.bfloat16()))
 
@@ -231,11 +233,13 @@ def test_export_and_onnx_hold_plain_weights_only(generator, tmp_path):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_whole_model_parity(arch, dtype):
+def test_whole_model_parity(arch, dtype, served_by):
     model = build(arch, torch.Generator().manual_seed(0))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     fused = fr.fuse(model, dtype=dtype)
-    with torch.no_grad(), served_by_onednn(20 if arch == "resnet18" else 53):
+    # backend="auto" takes oneDNN where it serves the dtype, else the reference, without a warning.
+    serving = served_by_onednn(20 if arch == "resnet18" else 53) if onednn_reason(dtype) is None else served_by("torch")
+    with torch.no_grad(), serving:
         out = fused(x)
     with torch.no_grad():
         eager = model.to(dtype)(x.to(dtype))
@@ -248,7 +252,7 @@ def test_whole_model_parity(arch, dtype):
 
 @pytest.mark.parametrize("backend", ["onednn", "torch"])
 @pytest.mark.parametrize("view", ["channels_last", "sliced"])
-def test_dilation_on_a_one_wide_kernel_axis_and_strided_views(backend, view, generator, served_by):
+def test_dilation_on_a_one_wide_kernel_axis_and_strided_views(backend, view, generator, served_by, request):
     """bfloat16, channels_last, a 1-wide kernel axis with dilation 2, stride 2 and padding on a 1-wide
     input: eager F.conv2d crashes the process on this shape (oneDNN); the op computes it (the dilation of
     a size-1 axis changes nothing), also from a view with gaps, and matches float64."""
@@ -262,7 +266,13 @@ def test_dilation_on_a_one_wide_kernel_axis_and_strided_views(backend, view, gen
     weight = torch.randn(4, 3, 2, 1, generator=generator).to(torch.bfloat16)
     residual = torch.randn(2, 4, 2, 2, generator=generator).to(torch.bfloat16).transpose(2, 3).contiguous().transpose(2, 3)
     conv = dict(stride=(1, 2), padding=(1, 1), dilation=(2, 2))
-    with served_by(backend):
-        out = ops.conv2d_bias_act(x, weight, None, residual, backend=backend, **conv)
+    def call():
+        return ops.conv2d_bias_act(x, weight, None, residual, backend=backend, **conv)
+
+    if backend == "onednn":
+        out = run_on_onednn(call, torch.bfloat16, request, served_by(backend))
+    else:
+        with served_by(backend):
+            out = call()
     exact = (F.conv2d(x.double(), weight.double(), None, **conv) + residual.double()).relu()
     assert relative_error(out, exact) <= 2e-2  # bfloat16 rounding of inputs and output: ~1e-2 at most

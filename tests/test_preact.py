@@ -22,7 +22,7 @@ from fused_resnet.export import export_program
 from fused_resnet.fold import BN_TYPES, bn_scale_shift
 from fused_resnet.fusion_report import batch_norm_ops
 from fused_resnet.parity import parity, randomize_bn_
-from helpers import eager_conv, reference_conv
+from helpers import eager_conv, reference_conv, run_on_onednn
 
 
 # (N, C, H, W, Cout, kernel, stride, padding, groups)
@@ -58,11 +58,19 @@ def _skip_unavailable(backend):
         pytest.skip(reason)
 
 
-def _check(backend, args, served_by):
+def _check(backend, args, served_by, request=None):
+    """With `request`, a dtype oneDNN lacks here checks the backend's refusal (helpers.run_on_onednn)."""
     x, weight, b, r, scale, shift, stride, padding, groups = args
-    with served_by(backend):
-        y, z = ops.conv2d_preact(x, weight, b, r, scale=scale, shift=shift, stride=stride, padding=padding,
+
+    def call():
+        return ops.conv2d_preact(x, weight, b, r, scale=scale, shift=shift, stride=stride, padding=padding,
                                  groups=groups, backend=backend)
+
+    if backend == "onednn" and request is not None:
+        y, z = run_on_onednn(call, x.dtype, request, served_by(backend))
+    else:
+        with served_by(backend):
+            y, z = call()
     exact = reference_conv(x, weight, b, r, stride, padding, 1, groups, scale=scale, shift=shift)
     eager = eager_conv(x, weight, b, r, stride, padding, 1, groups, scale=scale, shift=shift, dtype=x.dtype)
     for out, eager_out, ref in zip((y, z), eager, exact):
@@ -75,11 +83,9 @@ def _check(backend, args, served_by):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_the_reference_on_poisoned_outputs(poisoned_outputs, backend, dtype, case, monkeypatch, served_by):
+def test_matches_the_reference_on_poisoned_outputs(poisoned_outputs, backend, dtype, case, monkeypatch, served_by, request):
     _skip_unavailable(backend)
-    if backend == "onednn" and backends.get("onednn").preact_unsupported_reason(ConvCall.of(torch.empty(0, dtype=dtype), None)):
-        pytest.skip(f"oneDNN has no {dtype} on this CPU")
-    _check(backend, _make(case, dtype), served_by)
+    _check(backend, _make(case, dtype), served_by, request)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -200,15 +206,15 @@ def test_resnetv2_keeps_its_class_and_fuses_16_of_17_preactivations(resnetv2):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_resnetv2_parity_on_onednn(resnetv2, dtype, served_by):
+def test_resnetv2_parity_on_onednn(resnetv2, dtype, served_by, request):
     if backends.get("onednn").unavailable_reason(torch.device("cpu")):
         pytest.skip("no oneDNN")
     model = copy.deepcopy(resnetv2).to(dtype)
     fused = fr.fuse(model, backend="onednn")
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    assert batch_norm_ops(fused, x.to(dtype)) == 1
-    with torch.no_grad(), served_by("onednn"):
-        out = fused(x.to(dtype))
+    with torch.no_grad():
+        out = run_on_onednn(lambda: fused(x.to(dtype)), dtype, request, served_by("onednn"))
+        assert batch_norm_ops(fused, x.to(dtype)) == 1
     with torch.no_grad():
         result = parity(out, model(x.to(dtype)), copy.deepcopy(resnetv2).double()(x.double()))
     assert result.ok, result

@@ -7,6 +7,8 @@ import torch
 
 from benchmarks import results_io
 
+from fused_resnet import cpu_isa  # noqa: E402
+
 README = """# Project
 
 Intro.
@@ -47,7 +49,9 @@ def test_readme_shows_the_newest_gpu_run_of_each_benchmark_and_the_newest_cpu_ru
     assert "(benchmarks/results/end_to_end-2026-03-01T000000Z.md)" in section
     assert "NVIDIA H100 80GB HBM3" in section
     assert f"AMD EPYC (AVX512-BF16, no AMX), {torch.get_num_threads()} threads" in section
-    assert json.loads((results / "end_to_end-2026-03-01T000000Z.json").read_text())[0]["device_type"] == "cpu"
+    cpu_run = json.loads((results / "end_to_end-2026-03-01T000000Z.json").read_text())[0]
+    assert cpu_run["device_type"] == "cpu" and cpu_run["cpu_isa"] == cpu_isa.describe()
+    assert f"oneDNN at {cpu_isa.describe()}, torch" in section  # the instruction-set level the CPU run ran at
 
 
 def test_runs_written_before_device_type_count_as_cpu_by_their_device():

@@ -39,6 +39,14 @@ def tree(tmp_path):
 ENVIRON = {"PATH": "", "TORCH_CUDA_ARCH_LIST": "8.0;9.0a"}
 
 
+@pytest.fixture(autouse=True)
+def gpu(monkeypatch):
+    """Whether torch sees a GPU, as the stamp records it: set here instead of asked of a child process."""
+    answer = ["no"]
+    monkeypatch.setattr(setup_stamp, "gpu_present", lambda: answer[0])
+    return answer
+
+
 def _stamp(tree, environ=ENVIRON):
     return {"inputs": setup_stamp.build_inputs(tree, environ), "summary": SUMMARY, "extension": "fused_resnet/_C.so"}
 
@@ -68,6 +76,20 @@ def test_a_changed_arch_list_rebuilds(tree):
     stamp = _stamp(tree)
     inputs = setup_stamp.build_inputs(tree, {**ENVIRON, "TORCH_CUDA_ARCH_LIST": "8.6"})
     assert setup_stamp.reason_to_rebuild(stamp, inputs, True, True) == "TORCH_CUDA_ARCH_LIST 8.0;9.0a -> 8.6"
+
+
+def test_a_gpu_that_appears_or_build_cuda_rebuilds(tree, gpu, monkeypatch):
+    """Without a GPU setup.py skips the extension, so a GPU that appears (or FUSED_RESNET_BUILD_CUDA=1)
+    must rebuild; without an nvcc there is nothing to build either way, and torch is not asked."""
+    monkeypatch.setattr(setup_stamp, "_nvcc", lambda environ: "/usr/local/cuda/bin/nvcc")
+    stamp = _stamp(tree)
+    gpu[0] = "yes"
+    assert setup_stamp.reason_to_rebuild(stamp, setup_stamp.build_inputs(tree, ENVIRON), True, True) == "gpu no -> yes"
+    inputs = setup_stamp.build_inputs(tree, {**ENVIRON, "FUSED_RESNET_BUILD_CUDA": "1"})
+    assert setup_stamp.reason_to_rebuild(stamp, inputs, True, True) == "FUSED_RESNET_BUILD_CUDA (unset) -> 1; gpu no -> not asked"
+    monkeypatch.setattr(setup_stamp, "_nvcc", lambda environ: "(none)")
+    monkeypatch.setattr(setup_stamp, "gpu_present", lambda: pytest.fail("torch was asked about a GPU without an nvcc"))
+    assert setup_stamp.build_inputs(tree, ENVIRON)["environment"]["gpu"] == "not asked"
 
 
 def test_a_changed_torch_version_rebuilds(tree):

@@ -32,7 +32,7 @@ LAYERS = (
     ("module", ("fused_resnet.nn", "fused_resnet.known_modules", "fused_resnet.cuda_graph")),
     ("fuser", ("fused_resnet.patterns", "fused_resnet.graph_fuse", "fused_resnet.safety")),
     ("convert", ("fused_resnet.convert",)),
-    ("report", ("fused_resnet.fusion_report", "fused_resnet.architectures", "fused_resnet.peers")),
+    ("report", ("fused_resnet.fusion_report", "fused_resnet.architectures", "fused_resnet.peers", "fused_resnet.inference_engines")),
     ("application", ("fused_resnet.predict", "fused_resnet.scale", "fused_resnet.serve")),
     ("entry", ("fused_resnet.__main__", "fused_resnet.cli", "fused_resnet")),
 )

@@ -4,9 +4,10 @@
 
 Installing fused_resnet compiles its CUDA extension (minutes). After each successful install,
 build/setup-stamp.json records what the build depended on: the files under csrc/, setup.py and
-pyproject.toml, the torch and CUTLASS versions, TORCH_CUDA_ARCH_LIST, the nvcc found, and this
-Python. When none of that has changed, the package is installed from this tree in this Python
-environment and the compiled extension is still there, nothing is done; otherwise pip installs
+pyproject.toml, the torch and CUTLASS versions, TORCH_CUDA_ARCH_LIST, FUSED_RESNET_BUILD_CUDA, the
+nvcc found, whether torch sees a GPU (without one the extension is skipped), and this Python.
+When none of that has changed, the package is installed from this tree in this Python environment
+and the compiled extension is still there, nothing is done; otherwise pip installs
 quietly (its output goes to build/setup.log), and ninja recompiles only the sources whose
 objects are out of date (setup.py keeps them in build/ext). Either way one line says what the
 extension was built for, or why it was not.
@@ -32,7 +33,7 @@ LOG = Path("build", "setup.log")
 # setup.py prints one line starting with this, saying what it builds (or why it builds nothing).
 SUMMARY_PREFIX = "CUDA extension: "
 _BUILD_FILES = ("setup.py", "pyproject.toml")
-_ENVIRONMENT_VARIABLES = ("TORCH_CUDA_ARCH_LIST", "FUSED_RESNET_SKIP_CUDA_BUILD", "CUDA_HOME", "CUDA_PATH")
+_ENVIRONMENT_VARIABLES = ("TORCH_CUDA_ARCH_LIST", "FUSED_RESNET_SKIP_CUDA_BUILD", "FUSED_RESNET_BUILD_CUDA", "CUDA_HOME", "CUDA_PATH")
 
 
 def _sha256(path: Path) -> str:
@@ -54,6 +55,14 @@ def _nvcc(environ: Mapping[str, str]) -> str:
     return found or "(none)"
 
 
+def gpu_present() -> str:
+    """Whether torch sees a CUDA GPU, which decides whether setup.py builds the extension: "yes", "no",
+    or "unknown" without torch. Asked in a child process, so that this one stays free of CUDA."""
+    code = "import torch; print('yes' if torch.cuda.is_available() else 'no')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 def build_inputs(root: Path, environ: Mapping[str, str] = os.environ) -> dict[str, dict[str, str]]:
     """What the build depends on: source files by content, and the tools and settings it uses."""
     files = [p for p in sorted((root / "csrc").rglob("*")) if p.is_file()] + [root / name for name in _BUILD_FILES]
@@ -63,6 +72,9 @@ def build_inputs(root: Path, environ: Mapping[str, str] = os.environ) -> dict[st
         torch=_version("torch"),
         cutlass=_version("nvidia-cutlass"),
         nvcc=_nvcc(environ),
+        # A GPU decides the build only where there is an nvcc and FUSED_RESNET_BUILD_CUDA is not 1; only
+        # then is torch asked (it takes a second or two to import).
+        gpu=gpu_present() if _nvcc(environ) != "(none)" and environ.get("FUSED_RESNET_BUILD_CUDA") != "1" else "not asked",
         python=f"{sys.version.split()[0]} at {sys.prefix}",
     )
     return {"sources": sources, "environment": environment}

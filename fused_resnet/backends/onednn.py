@@ -18,6 +18,7 @@ import functools
 
 import torch
 
+from .. import cpu_isa
 from .reference import add_relu  # noqa: F401  (oneDNN has no standalone add + ReLU; ATen's vectorised kernels serve it)
 from .reference import preact
 from .weight_cache import DerivedWeights
@@ -51,17 +52,17 @@ def conv_unsupported_reason(call) -> str | None:
     return _dtype_unsupported_reason(call.x.dtype)
 
 
-@functools.cache  # asked on every call; what the CPU supports never changes
+@functools.cache  # asked on every call; what oneDNN supports here never changes
 def _dtype_unsupported_reason(dtype: torch.dtype) -> str | None:
+    """torch's own checks decide (they ask oneDNN, so they follow its ONEDNN_MAX_CPU_ISA cap, and they
+    guard the weight prepacking, which raises where they say no); cpu_isa says why."""
     if dtype == torch.float32:
         return None
-    if dtype == torch.bfloat16:
-        return None if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "this CPU has no bfloat16 support in oneDNN"
-    if dtype == torch.float16:
-        if torch.ops.mkldnn._is_mkldnn_fp16_supported():
-            return None
-        return "oneDNN's float16 convolution needs a CPU with AVX512-FP16 or AVX-NE-CONVERT, which this one lacks"
-    return f"oneDNN convolutions take float32, bfloat16 or float16, not {dtype}"
+    if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    if dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return None
+    return cpu_isa.missing_reason(dtype)
 
 
 def packed_weight(weight, input_shape, stride, padding, dilation, groups) -> torch.Tensor:
