@@ -10,6 +10,10 @@ against float64 eager, times it against eager PyTorch and torch.compile, and exp
                                            export a fused model (torchvision or timm weights, or random)
     python -m fused_resnet inspect --arch timm:resnet50d
                                            each conv + BN group: fused or not, and why not
+    python -m fused_resnet predict IMAGES --arch ARCH [--out preds.csv] [--ray]
+                                           classify or embed image files (on Ray Data with --ray)
+    python -m fused_resnet serve --arch ARCH [--replicas N]
+                                           an HTTP endpoint on 127.0.0.1 (Ray Serve) returning top-k
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from torch import nn
 
 import fused_resnet as fr
 
-from . import backends, peers
+from . import backends, peers, predict, serve
 from .architectures import ARCHITECTURES, build, check_name, classifier_weight_key, create
 from .export import ONNX_DTYPES, export_program, save_program
 from .parity import parity, relative_error, top1_agreement
 from .timing import quantiles, time_ms
+from .usage import UsageError
 
 ARCH_HELP = f"{', '.join(ARCHITECTURES)}, or timm:<name> (any timm model, e.g. timm:resnet50d)"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,10 +52,6 @@ EXIT_CODES = """exit codes:
      that is not there (--device cuda without a GPU), a backend that cannot run on the device or
      in the dtype, a bad option value or weights file
 """
-
-
-class UsageError(Exception):
-    """Something the user asked for that cannot be done: one line on stderr, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -447,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     inspect_parser = _subcommand(commands, "inspect", "fuse one model and print each conv + BN group: fused or not, and why")
     inspect_parser.add_argument("--arch", default="resnet50", type=_arch, metavar="ARCH", help=ARCH_HELP)
     inspect_parser.add_argument("--seed", type=int, default=0)
+    for module, text in (
+        (predict, "classify or embed image files (folders, globs, lists) with a fused model; on Ray Data with --ray"),
+        (serve, "serve a fused model over HTTP on 127.0.0.1 with Ray Serve (dynamic batching)"),
+    ):
+        module.add_arguments(_subcommand(commands, module.__name__.rpartition(".")[2], text))
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -458,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             commands.choices["verify"].error(str(error))
     try:
-        return {"run": run, "bench": bench, "verify": verify, "convert": convert, "inspect": inspect}[args.command](args)
+        return {"run": run, "bench": bench, "verify": verify, "convert": convert, "inspect": inspect,
+                "predict": predict.run, "serve": serve.run}[args.command](args)
     except UsageError as error:
         commands.choices[args.command].error(str(error))
 
