@@ -140,6 +140,9 @@ setup(
     install_requires=["torch>=2.4", "torchvision"],
     extras_require={
         "triton": ["triton"],
+        # predict: its progress bar and Parquet output; ray: predict --ray (Ray Data) and serve (Ray Serve).
+        "predict": ["tqdm", "pyarrow"],
+        "ray": ["ray[data,serve]>=2.44", "tqdm", "pyarrow"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime", "onnxscript", "timm"],
     },
     ext_modules=ext_modules,
