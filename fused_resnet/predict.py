@@ -19,12 +19,14 @@ A file that cannot be read or decoded becomes a row with its error; it never sto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import functools
 import glob
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -512,33 +514,39 @@ def run(args) -> int:
         args.arch, args.weights, embeddings=args.embeddings, crop_size=args.crop_size, resize_size=args.resize_size, seed=args.seed
     )
     predictor = Predictor(model, topk=args.topk, fuse=not args.eager, backend=args.backend, dtype=dtype, device=device)
-    output = open_output(out, predictor.column_names(), width=model.width, resume=args.resume, overwrite=args.overwrite)
-    todo = [p for p in paths if p not in output.done]
-    print(f"fused_resnet {fr.__version__} | torch {torch.__version__} | {args.arch}, {args.dtype}, device {device}, "
-          + ("eager (unfused)" if args.eager else f"fused, backend {args.backend!r}"))
-    print(f"model: {model.source}")
-    print(f"preprocessing: {model.preprocess}")
-    skipped = f", {len(paths) - len(todo)} already in {out} (--resume)" if args.resume else ""
-    print(f"images: {len(paths)}{skipped}; writing {'embeddings' if args.embeddings else f'top-{args.topk}'} to {out}", flush=True)
-    if args.compare_eager and todo:
-        print(compare_with_eager(predictor, todo, args.compare_eager), flush=True)
-    progress = tqdm(total=len(todo), unit="img", dynamic_ncols=True, disable=None) if tqdm is not None else None
-    try:
-        with output:
-            if args.ray:
-                from .scale import predict_paths_on_ray
+    with contextlib.ExitStack() as stack:
+        output = stack.enter_context(
+            open_output(out, predictor.column_names(), width=model.width, resume=args.resume, overwrite=args.overwrite)
+        )
+        todo = [p for p in paths if p not in output.done]
+        print(f"fused_resnet {fr.__version__} | torch {torch.__version__} | {args.arch}, {args.dtype}, device {device}, "
+              + ("eager (unfused)" if args.eager else f"fused, backend {args.backend!r}"))
+        print(f"model: {model.source}")
+        print(f"preprocessing: {model.preprocess}")
+        skipped = f", {len(paths) - len(todo)} already in {out} (--resume)" if args.resume else ""
+        print(f"images: {len(paths)}{skipped}; writing {'embeddings' if args.embeddings else f'top-{args.topk}'} to {out}", flush=True)
+        if args.compare_eager and todo:
+            print(compare_with_eager(predictor, todo, args.compare_eager), flush=True)
+        if args.ray:
+            from .scale import connected, predict_paths_on_ray
 
+            stack.enter_context(connected(args.ray))  # before the progress bar, which would count Ray's start
+        progress = stack.enter_context(tqdm(total=len(todo), unit="img", disable=None)) if tqdm is not None else None
+        try:
+            if args.ray:
                 counts = predict_paths_on_ray(
-                    todo, predictor, output, address=args.ray, batch_size=args.batch, concurrency=args.concurrency,
-                    actor_cpus=args.actor_cpus, progress=progress,
+                    todo, predictor, output, batch_size=args.batch, concurrency=args.concurrency, actor_cpus=args.actor_cpus,
+                    progress=progress,
                 )
                 how = f"Ray Data, {args.concurrency} actor{'s' * (args.concurrency > 1)} of {args.actor_cpus:g} CPU"
             else:
                 counts = predict_files(todo, predictor, output, batch_size=args.batch, workers=args.workers, progress=progress)
                 how = f"{args.workers} loader worker{'s' * (args.workers != 1)}, batch {args.batch}"
-    finally:
-        if progress is not None:
-            progress.close()
+        except KeyboardInterrupt:
+            if progress is not None:
+                progress.close()  # the bar where it stopped, then why
+            print(f"\ninterrupted: {out} keeps the rows written; the same command with --resume goes on from there", file=sys.stderr)
+            return 130  # as a shell reports a process ended by Ctrl-C
     rate = counts.images / counts.seconds if counts.seconds > 0 else 0.0
     print(
         f"wrote {counts.images} rows to {out} in {counts.seconds:.1f} s ({rate:.1f} images/s, {how}): "

@@ -23,6 +23,7 @@ therefore hands Ray the list of paths and decodes them itself, so that a bad fil
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -142,17 +143,29 @@ def predict_paths_on_ray(
     at `address`, unless Ray is already initialised here; shuts down only what it started. The time
     counted starts once Ray is up: it includes starting the actors and fusing the model in each."""
     ray = require("ray", FEATURE)
-    started = not ray.is_initialized()
-    if started:
-        begin = time.perf_counter()
-        ray.init(
-            address=None if address == "local" else address,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-        where = "a local Ray" if address == "local" else f"the Ray cluster at {address}"
-        print(f"started {where} ({ray.cluster_resources().get('CPU', 0):g} CPUs) in {time.perf_counter() - begin:.1f} s", flush=True)
+    with connected(address):
+        return _run(ray, paths, predictor, output, batch_size, concurrency, actor_cpus, progress)
+
+
+@contextlib.contextmanager
+def connected(address: str = "local"):
+    """Ray for the block: a local Ray started (`address` "local") or the cluster at `address` joined,
+    unless Ray is initialised in this process already; shuts down only what it started."""
+    ray = require("ray", FEATURE)
+    if ray.is_initialized():
+        yield
+        return
+    begin = time.perf_counter()
+    ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    where = "a local Ray" if address == "local" else f"the Ray cluster at {address}"
+    print(f"started {where} ({ray.cluster_resources().get('CPU', 0):g} CPUs) in {time.perf_counter() - begin:.1f} s", flush=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _run(ray, paths, predictor, output, batch_size, concurrency, actor_cpus, progress) -> Counts:
     context = ray.data.DataContext.get_current()
     loggers = [logging.getLogger(name) for name in ("ray.data", "ray.data._internal.progress")]
     saved = context.enable_progress_bars, context.execution_options.preserve_order, [logger.level for logger in loggers]
@@ -186,7 +199,5 @@ def predict_paths_on_ray(
         context.enable_progress_bars, context.execution_options.preserve_order = saved[:2]
         for logger, level in zip(loggers, saved[2]):
             logger.setLevel(level)
-        if started:
-            ray.shutdown()
     counts.seconds = time.perf_counter() - start
     return counts

@@ -153,6 +153,7 @@ def run(args) -> int:
     print(f"fused_resnet {fr.__version__} | torch {torch.__version__} | {args.arch}, {args.dtype}, device {device}, backend {args.backend!r}")
     print(f"model: {model.source}")
     print(f"preprocessing: {model.preprocess}", flush=True)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not its INFO lines about starting up
     begin = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     # SIGTERM ends the process as Ctrl-C does: through the `finally` that stops Serve and Ray.

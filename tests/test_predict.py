@@ -322,3 +322,22 @@ def test_a_missing_optional_package_is_a_one_line_refusal(images, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, absent, None)  # how Python sees a package that is not installed
     assert _misuse([images, "--arch", ARCH, *args], capsys) == f"python -m fused_resnet predict: error: {message}\n"
+
+
+def test_ctrl_c_keeps_the_rows_written_and_resume_goes_on(images, logits, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "preds.parquet" if importlib.util.find_spec("pyarrow") else tmp_path / "preds.jsonl"
+    columns, calls = Predictor.columns, []
+
+    def interrupted_at_the_second_batch(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return columns(self, *args)
+
+    monkeypatch.setattr(Predictor, "columns", interrupted_at_the_second_batch)
+    assert predict(images, "--out", out, "--batch", 4, "--workers", 0) == 130
+    assert "interrupted: " in capsys.readouterr().err
+    assert [row["path"] for row in _read(out)] == paths(images)[:4]  # a finished file of the first batch
+    monkeypatch.setattr(Predictor, "columns", columns)
+    assert predict(images, "--out", out, "--resume", "--batch", 4) == 0
+    assert_rows_match_eager(_read(out), images, K, logits)
