@@ -40,7 +40,7 @@ from torch import Tensor, nn
 import fused_resnet as fr
 
 from . import backends
-from .architectures import ARCHITECTURES, OTHER_MODELS, TIMM_PREFIX, build, check_name
+from .architectures import ARCHITECTURES, TIMM_PREFIX, build, check_name
 from .parity import relative_error
 from .predict_output import Output, open_output, output_format
 from .usage import UsageError, require
@@ -162,10 +162,10 @@ def torchvision_weights(arch: str):
     """The default weights enum entry of torchvision architecture `arch` (no download: its transforms
     and class names are in torchvision); None for models that are not classifiers."""
     name = ARCHITECTURES[arch][0].__name__ if arch in ARCHITECTURES else arch
-    try:
-        return torchvision.models.get_model_weights(name).DEFAULT
-    except ValueError:  # a backbone or a segmentation model, which torchvision registers under no weights
+    # torchvision.models itself holds the classifiers; detection, segmentation and video models live below it.
+    if name not in torchvision.models.list_models(module=torchvision.models):
         return None
+    return torchvision.models.get_model_weights(name).DEFAULT
 
 
 def _torchvision_preprocess(weights, crop_size: int | None, resize_size: int | None) -> Preprocess:

@@ -33,7 +33,7 @@ import torch
 
 import fused_resnet as fr
 
-from .predict import ImageError, Model, Predictor, positive_int, add_model_arguments, decode, device_and_dtype, load_model
+from .predict import ImageError, Model, Predictor, add_model_arguments, decode, device_and_dtype, load_model, positive_int
 from .predict_output import records
 from .usage import UsageError, require
 

@@ -280,6 +280,7 @@ def _misuse(args, capsys) -> str:
         (["--out", "nowhere/preds.csv"], "--out nowhere/preds.csv: nowhere is not a folder this process can write to"),
         (["--topk", "1001"], "--topk 1001: the model has 1000 classes"),
         (["--arch", "fasterrcnn_fpn_backbone"], "predict runs image classifiers; fasterrcnn_fpn_backbone is not one"),
+        (["--arch", "deeplabv3_resnet50"], "predict runs image classifiers; deeplabv3_resnet50 is not one"),
         (["--weights", "missing.pt"], "weights file missing.pt does not exist"),
         (["--batch", "0"], "argument --batch: '0' is not an integer of at least 1"),
         (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),

@@ -22,7 +22,7 @@ import torch
 import fused_resnet.__main__ as cli
 from fused_resnet.predict import load_model
 
-from predict_images import ARCH, BAD, CROP, GOOD, assert_rows_match_eager, eager_outputs, paths, read_csv, topk, write_images
+from predict_images import ARCH, CROP, GOOD, assert_rows_match_eager, eager_outputs, read_csv, topk, write_images
 
 ray = pytest.importorskip("ray", reason='Ray Data and Serve need ray: pip install "fused_resnet[ray]" (CI installs it)')
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision are deprecated")
