@@ -458,7 +458,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", action="store_true", help="write the pooled features instead of the top-k classes")
     parser.add_argument("--batch", type=positive_int, default=32, help="images per batch (default 32)")
     parser.add_argument(
-        "--workers", type=non_negative_int, default=min(4, max(1, (os.cpu_count() or 2) // 2)), help="loader worker processes that decode (0: decode in the main process)"
+        "--workers", type=non_negative_int, default=min(4, max(1, (os.cpu_count() or 2) // 2)), help="loader worker processes that decode (default: half the cores, 1 to 4; 0: decode in the main process)"
     )
     parser.add_argument("--eager", action="store_true", help="run the model unfused (eager PyTorch), to compare")
     parser.add_argument(

@@ -34,7 +34,7 @@ REQUESTS, CLIENTS, LOAD_TEST_SECONDS = 200, 8, 120
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     from ray import serve
 
@@ -77,9 +77,12 @@ def test_predict_dataset_takes_a_dataset_of_decoded_images(cluster, images, logi
     rows = predict_dataset(ds, load_model(ARCH, crop_size=CROP), topk=K, batch_size=4).take_all()
     assert sorted(row["path"] for row in rows) == sorted(good)
     for row in rows:
-        # PIL and torchvision decode JPEG with different IDCTs: the pixels, so the logits, may differ a little.
         expected = logits[row["path"]].topk(K).indices.tolist()
-        assert [row[f"class_{i}"] for i in range(1, K + 1)][:2] == expected[:2], row["path"]
+        classes = [row[f"class_{i}"] for i in range(1, K + 1)]
+        if row["path"].endswith(".png"):  # lossless: PIL decodes the pixels torchvision decodes
+            assert classes == expected, row["path"]
+        else:  # PIL's JPEG decoder may round a pixel otherwise than torchvision's
+            assert classes[0] == expected[0], row["path"]
 
 
 def _free_port() -> int:
