@@ -7,6 +7,9 @@ PYTHON ?= python3
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS = setuptools wheel ninja pybind11 nvidia-cutlass==4.2.0.0
 TEST_DEPS = pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript timm openvino ruff
+# predict's optional packages (setup.py's extras "predict" and "ray"): tests/test_scale.py runs Ray Data
+# and Ray Serve for real, so the tests install them.
+SCALE_DEPS = ray[data,serve] tqdm pyarrow
 
 .PHONY: setup setup-test run test gpu gpu-full gpu-tests
 
@@ -25,6 +28,7 @@ setup:
 
 setup-test: setup
 	@$(INSTALLED) $(TEST_DEPS) || $(PIP_INSTALL) $(TEST_DEPS)
+	@$(INSTALLED) $(SCALE_DEPS) || $(PIP_INSTALL) $(SCALE_DEPS)
 
 run: setup
 	$(PYTHON) -m fused_resnet

@@ -146,6 +146,9 @@ setup(
         "triton": ["triton"],
         # The CPU inference engines the end-to-end benchmark measures against (skipped when missing).
         "cpu-peers": ["onnxruntime", "openvino"],
+        # predict: its progress bar and Parquet output; ray: predict --ray (Ray Data) and serve (Ray Serve).
+        "predict": ["tqdm", "pyarrow"],
+        "ray": ["ray[data,serve]>=2.44", "tqdm", "pyarrow"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxruntime", "onnxscript", "timm"],
     },
     ext_modules=ext_modules,

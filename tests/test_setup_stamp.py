@@ -155,3 +155,9 @@ def test_missing_requirements_are_the_absent_ones_and_other_versions():
     assert missing_requirements.missing(["pytest", f"pytest=={installed}"]) == []
     absent = ["pytest==0.0.1", "no-such-distribution-anywhere"]
     assert missing_requirements.missing(absent) == absent
+
+
+def test_a_requirement_with_extras_is_checked_by_its_name():
+    installed = importlib.metadata.version("pytest")
+    assert missing_requirements.missing(["pytest[testing]", f"pytest[testing]=={installed}"]) == []
+    assert missing_requirements.missing(["no-such-distribution-anywhere[extra]"]) == ["no-such-distribution-anywhere[extra]"]

@@ -33,7 +33,8 @@ LAYERS = (
     ("fuser", ("fused_resnet.patterns", "fused_resnet.graph_fuse", "fused_resnet.safety")),
     ("convert", ("fused_resnet.convert",)),
     ("report", ("fused_resnet.fusion_report", "fused_resnet.architectures", "fused_resnet.peers", "fused_resnet.inference_engines")),
-    ("application", ("fused_resnet.predict", "fused_resnet.scale", "fused_resnet.serve")),
+    ("application", ("fused_resnet.usage", "fused_resnet.cli_options", "fused_resnet.predict_output", "fused_resnet.predict",
+                     "fused_resnet.scale", "fused_resnet.predict_cli", "fused_resnet.serve")),
     ("entry", ("fused_resnet.__main__", "fused_resnet.cli", "fused_resnet")),
 )
 

@@ -17,6 +17,7 @@ def missing(requirements: Iterable[str]) -> list[str]:
     result = []
     for requirement in requirements:
         name, _, pinned = requirement.partition("==")
+        name = name.partition("[")[0]  # "ray[data,serve]" is checked as ray; the extras' own packages are not looked at
         try:
             installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
