@@ -26,6 +26,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,16 @@ def _timm_preprocess(model: nn.Module, crop_size: int | None, resize_size: int |
     return Preprocess(transform, True, f"timm data config {config}")
 
 
+def preprocessed(read: Callable[[], Tensor], preprocess: Preprocess) -> tuple[Tensor | None, str]:
+    """(pixels, "") for the image that `read` returns, or (None, why not): a bad image is a row, not an exception."""
+    try:
+        return preprocess(read()), ""
+    except ImageError as error:
+        return None, str(error)
+    except Exception as error:  # a decoded image that the preprocessing refuses: still one row, with the reason
+        return None, f"cannot preprocess: {type(error).__name__}: {error}"
+
+
 # ------------------------------------------------------------------------------------------ model
 
 
@@ -347,12 +358,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path = self.paths[index]
-        try:
-            return path, self.preprocess(read_image(path)), ""
-        except ImageError as error:
-            return path, None, str(error)
-        except Exception as error:  # a decoded image the preprocessing refuses (e.g. 1x1 pixels): still one row
-            return path, None, f"cannot preprocess: {type(error).__name__}: {error}"
+        return path, *preprocessed(lambda: read_image(path), self.preprocess)
 
 
 def collate(items) -> tuple[list[str], list[str], Tensor | None]:

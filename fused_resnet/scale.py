@@ -31,37 +31,26 @@ import time
 import numpy as np
 import torch
 
-from .predict import Counts, ImageError, Model, Predictor, decode, read_image
+from .predict import Counts, Model, Predictor, decode, preprocessed, read_image
 from .predict_output import Output
 from .usage import require
 
 FEATURE = "predict on Ray"
 
 
-def _pixels(batch: dict, i: int, preprocess) -> torch.Tensor:
+def _image(batch: dict, i: int) -> torch.Tensor:
     if "image" in batch:  # decoded by ray.data.read_images: (H, W, C) or (H, W) uint8
         image = torch.from_numpy(np.ascontiguousarray(batch["image"][i]))
-        image = image.expand(3, *image.shape) if image.dim() == 2 else image.permute(2, 0, 1)[:3]
-    elif "bytes" in batch:  # read by ray.data.read_binary_files
-        image = decode(batch["bytes"][i])
-    else:
-        image = read_image(str(batch["path"][i]))
-    return preprocess(image)
+        return image.expand(3, *image.shape) if image.dim() == 2 else image.permute(2, 0, 1)[:3]
+    if "bytes" in batch:  # read by ray.data.read_binary_files
+        return decode(batch["bytes"][i])
+    return read_image(str(batch["path"][i]))
 
 
 def preprocess_batch(batch: dict, preprocess) -> dict:
     """A batch of rows decoded and preprocessed into `pixels` (zeros where the image failed) and `error`."""
-    pixels, errors = [], []
-    for i in range(len(batch["path"])):
-        try:
-            pixels.append(_pixels(batch, i, preprocess))
-            errors.append("")
-        except ImageError as error:
-            pixels.append(None)
-            errors.append(str(error))
-        except Exception as error:  # the preprocessing refused this image: still one row
-            pixels.append(None)
-            errors.append(f"cannot preprocess: {type(error).__name__}: {error}")
+    results = [preprocessed(lambda i=i: _image(batch, i), preprocess) for i in range(len(batch["path"]))]
+    pixels, errors = [p for p, _ in results], [e for _, e in results]
     shape = next((p.shape for p in pixels if p is not None), (3, 1, 1))
     stacked = torch.stack([p if p is not None else torch.zeros(shape) for p in pixels]) if pixels else torch.zeros(0, *shape)
     return {"path": np.asarray(batch["path"], dtype=object), "pixels": stacked.numpy(), "error": np.array(errors, dtype=object)}

@@ -33,7 +33,7 @@ import torch
 
 from .version import __version__
 
-from .predict import ImageError, Model, Predictor, decode, load_model
+from .predict import ImageError, Model, Predictor, decode, load_model, preprocessed
 from .predict_cli import add_model_arguments, device_and_dtype, positive_int
 from .predict_output import records
 from .usage import UsageError, require
@@ -88,9 +88,11 @@ class Classifier:
         body = await request.body()
         try:
             data = image_bytes(body, request.headers.get("content-type", ""))
-            pixels = await asyncio.to_thread(lambda: self.predictor.model.preprocess(decode(data)))
         except ImageError as error:
             return JSONResponse({"error": str(error)}, status_code=400)
+        pixels, error = await asyncio.to_thread(preprocessed, lambda: decode(data), self.predictor.model.preprocess)
+        if error:
+            return JSONResponse({"error": error}, status_code=400)
         return await self.classify(pixels)
 
     def stats(self) -> dict:

@@ -85,6 +85,34 @@ def test_predict_dataset_takes_a_dataset_of_decoded_images(cluster, images, logi
             assert classes[0] == expected[0], row["path"]
 
 
+def test_a_fused_model_pickled_into_a_ray_worker_runs_fused_there(cluster):
+    """Unpickling imports fused_resnet in the worker, which registers its ops; oneDNN packs the weights
+    there anew (its cache is never pickled) and computes what it computed here."""
+    import fused_resnet as fr
+    from fused_resnet.architectures import build
+    from fused_resnet.parity import relative_error
+
+    fused = fr.fuse(build(ARCH, torch.Generator().manual_seed(1)))
+    x = torch.randn(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = fused(x)
+
+    @ray.remote
+    def run_in_a_worker(model, x):
+        import fused_resnet as fr
+        from fused_resnet.backends import onednn
+
+        calls = onednn.calls
+        with torch.no_grad():
+            y = model(x)
+        packed = sum(m.weight in onednn._packed for m in model.modules() if isinstance(m, fr.FusedConv2d))
+        return y, onednn.calls - calls, packed
+
+    y, calls, packed = ray.get(run_in_a_worker.remote(fused, x))
+    assert calls == sum(isinstance(m, fr.FusedConv2d) for m in fused.modules()) and packed == calls
+    assert relative_error(y, expected) <= 1e-5
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
