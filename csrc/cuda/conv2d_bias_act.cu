@@ -27,6 +27,7 @@
 
 #include "conv2d_cutlass.h"
 #include "conv2d_kernel_choice.h"
+#include "preact_channels.h"
 
 namespace fused_resnet {
 
@@ -154,7 +155,10 @@ void run_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::option
     at::assert_no_overlap(preact->out, out);
   }
   at::assert_no_internal_overlap(out);
-  for (const at::Tensor* input : {&x, &weight, bias ? &*bias : nullptr, residual ? &*residual : nullptr}) {
+  // Every input against both outputs: scale and shift are read in the Hopper epilogue while other CTAs
+  // write y and z.
+  for (const at::Tensor* input : {&x, &weight, bias ? &*bias : nullptr, residual ? &*residual : nullptr,
+                                  preact ? &preact->scale : nullptr, preact ? &preact->shift : nullptr}) {
     if (input != nullptr) {
       at::assert_no_overlap(out, *input);
       if (preact) {
@@ -202,14 +206,8 @@ void run_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::option
       problem.preact_scale = scale_dense.const_data_ptr();
       problem.preact_shift = shift_dense.const_data_ptr();
     } else {
-      // The CUTLASS 2.x epilogue takes one per-channel vector: bias, scale and shift side by side,
-      // packed on every call (K x 16 bytes; a cache would have to follow in-place updates of its sources).
-      channels = at::zeros({k, 4}, x.options().dtype(at::kFloat));
-      if (bias) {
-        channels.select(1, 0).copy_(*bias);
-      }
-      channels.select(1, 1).copy_(preact->scale);
-      channels.select(1, 2).copy_(preact->shift);
+      // The CUTLASS 2.x epilogue takes one per-channel vector: bias, scale and shift side by side.
+      channels = pack_preact_channels(bias, preact->scale, preact->shift);
       TORCH_INTERNAL_ASSERT(reinterpret_cast<std::uintptr_t>(channels.const_data_ptr()) % 128 == 0);
       problem.preact_channels = channels.const_data_ptr();
     }

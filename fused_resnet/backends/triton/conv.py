@@ -24,6 +24,7 @@ one large-block config is used (see _kernel_and_meta).
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -289,11 +290,19 @@ def _prune_configs(configs, named_args, **kwargs):
     return fitting_configs({**named_args, **kwargs}, *_shared_memory_and_arch(named_args["x_ptr"].device))
 
 
+# The meta-parameters the autotuner chooses; every other constexpr argument changes the compiled code
+# (the epilogue's loads, stores and live registers: HAS_BIAS, HAS_RESIDUAL, RELU, PREACT; the K walk;
+# the dot's precision), so a tile tuned for one value must not be reused for another.
+_TILE_META = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+# Read from the signature as Triton does (the interpreter's kernels have no `params`).
+_CODE_CONSTEXPRS = [name for name, p in inspect.signature(_conv_kernel.fn).parameters.items()
+                    if "constexpr" in str(p.annotation) and name not in _TILE_META]
+
 _conv_kernel_tuned = triton.autotune(
     configs=_TUNING_CONFIGS,
-    # Everything that shapes the layer; the autotuner adds the dtypes of the tensor arguments.
+    # The layer's sizes and the kernel's code; the autotuner adds the dtypes of the tensor arguments.
     key=["M", "H", "W", "C", "OH", "OW", "CIN_G", "COUT_G", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W",
-         "DIL_H", "DIL_W", "KERNEL_H", "KERNEL_W"],
+         "DIL_H", "DIL_W", *_CODE_CONSTEXPRS],
     prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,
 )(_conv_kernel)
