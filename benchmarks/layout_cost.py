@@ -1,0 +1,61 @@
+"""What returning eager's memory format costs: a fused ResNet-50 feature extractor (its four stages'
+outputs returned, as detection and segmentation backbones use it), fed NCHW images.
+
+    python benchmarks/layout_cost.py [--batch 2] [--image-size 224] [--threads 2] [--rounds 15]
+
+Times, round-robin in one process: the model fr.fuse returns (each fused block hands back eager's
+NCHW layout), the same model with every fused module left in channels_last (what it would cost without
+the conversions; its outputs then differ from eager's in layout), and eager. Prints medians with
+p20-p80 and the cost of the conversions in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+import torchvision
+from torchvision.models._utils import IntermediateLayerGetter
+
+import fused_resnet as fr
+from fused_resnet import cpu_isa
+from fused_resnet.parity import randomize_bn_
+from fused_resnet.timing import interleaved_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    backbone = randomize_bn_(torchvision.models.resnet50().eval(), torch.Generator().manual_seed(0))
+    model = IntermediateLayerGetter(backbone, {f"layer{i}": f"c{i + 1}" for i in range(1, 5)})
+    as_eager = fr.fuse(model)
+    internal = fr.fuse(model)
+    for module in internal.modules():
+        if getattr(module, "output_layout", None) == "as_eager":
+            module.output_layout = "channels_last"
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(1))
+    peers = {"fused, eager's layouts (fr.fuse)": as_eager, "fused, channels_last throughout": internal, "eager": model}
+    with torch.no_grad():
+        samples = interleaved_ms({name: (lambda m=m: m(x)) for name, m in peers.items()}, torch.device("cpu"), reps=args.rounds)
+    print(
+        f"resnet50 features (layer1-4 returned), fp32, batch {args.batch}, {args.image_size}x{args.image_size}, "
+        f"{args.threads} threads, oneDNN at {cpu_isa.describe()}, {args.rounds} interleaved rounds, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    for name, times in samples.items():
+        q = statistics.quantiles(times, n=5)
+        print(f"  {name:36s} {medians[name]:8.1f} ms  (p20-p80 {q[0]:.1f}-{q[3]:.1f})")
+    cost = medians["fused, eager's layouts (fr.fuse)"] / medians["fused, channels_last throughout"] - 1
+    print(f"cost of returning eager's layouts: {cost:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
