@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from fused_resnet import backends
+from fused_resnet import backends, dispatch
 from fused_resnet.call import ConvCall
 from fused_resnet.architectures import ARCHITECTURES, TORCHVISION_RESNETS
 from fused_resnet.backends import cuda
@@ -200,14 +200,24 @@ def test_cuda_backend_is_unavailable_on_a_gpu_it_has_no_code_for(capability, has
     # backend="auto" leaves it out of the candidates; backend="cuda" says why it cannot run.
     assert ("cuda" in backends.available("cuda")) == has_code
     candidates = []
-    backends._select("auto", torch.device("cuda"), "convolution", lambda b: None, lambda c: candidates.extend(c) or c[0])
+    serves_all = dispatch._Op("convolution", lambda b, call: None, None, None)
+    call = ConvCall.of(torch.empty(1, 1, 1, 1, device="meta"), torch.empty(1, 1, 1, 1, device="meta"))
+    call = call.replace(x=_OnCuda(call.x))
+    dispatch._select(serves_all, "auto", call, lambda c: candidates.extend(c) or c[0])
     assert ("cuda" in [b.NAME for b in candidates]) == has_code
     if not has_code:
         with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cuda tensors: fused_resnet._C has no machine code"):
-            backends._select("cuda", torch.device("cuda"), "convolution", lambda b: None)
+            dispatch._select(serves_all, "cuda", call)
     # The launcher follows the same rule: it refuses the layer, rather than fail to launch.
     query = C_OPS.conv2d_kernel(torch.float16, [1, 64, 8, 8], [64, 64, 3, 3], [1, 1], [1, 1], [1, 1], False, list(capability), 100, -1)
     assert ("no machine code" not in query[1]) == has_code, query
+
+
+class _OnCuda:
+    """Stands for a tensor on a CUDA device, for the selection alone (which asks only for its device)."""
+
+    def __init__(self, t):
+        self.device, self.dtype = torch.device("cuda"), t.dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +230,9 @@ from fused_resnet.backends import cuda
 cuda._gpu = lambda device: (9, 0, 132)
 x = torch.empty(8, 64, 56, 56, dtype=torch.float16, device="meta")
 w = torch.empty(64, 64, 3, 3, dtype=torch.float16, device="meta")
-served = [cuda.CONV_CONFIGS[i] for i in cuda._serving_configs(x, w, None, [1, 1], [1, 1], [1, 1])]
+from fused_resnet.call import ConvCall
+call = ConvCall.of(x, w, None, None, 1, 1, 1)
+served = [cuda.CONV_CONFIGS[i] for i in cuda._serving_configs(call)]
 print(cuda.kernel_choice(x, w, None, [1, 1], [1, 1], [1, 1])[0], ",".join(served))
 """
 
