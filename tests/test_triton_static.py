@@ -1,10 +1,10 @@
 """The Triton conv kernel compiled for A100 (sm_80) and H100 (sm_90a) with no GPU, and checked.
 
-tools/triton_static.py compiles, for each layer of its set, dtype and target, the tile config that
-pruning keeps with the largest shared-memory estimate, and checks every kernel it compiled: shared
-memory within the device's limit and within the pruning's estimate, no register spills in fp16 and
-bf16, tensor-core instructions wherever the README promises them, none in IEEE fp32. The full sweep
-(every config) is `python tools/triton_static.py`.
+tools/triton_static.py compiles, for each layer of its set (each with and without the pre-activation
+output, PREACT), dtype and target, the tile config that pruning keeps with the largest shared-memory
+estimate, and checks every kernel it compiled: shared memory within the device's limit and within the
+pruning's estimate, no register spills in fp16 and bf16, tensor-core instructions wherever the README
+promises them, none in IEEE fp32. The full sweep (every config) is `python tools/triton_static.py`.
 
 The compiler runs in a subprocess: this process runs Triton's interpreter (conftest.py), whose jit
 functions cannot be compiled. A second run finds the kernels in Triton's cache.
@@ -37,8 +37,9 @@ def test_pruned_configs_compile_for_sm80_and_sm90a_within_limits_without_spills(
     result = run_script("--subset", "--check", "--jobs", "2", timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout.strip().splitlines()[-1]
-    # 9 layers at batch 256, layer4's two 7x7 ones also at batch 1; 4 dtypes; 2 targets.
-    assert summary == "checked 88 kernels: 0 violations", result.stdout
+    # 8 layers with and without PREACT at batch 256, layer4's 7x7 ones also at batch 1; 4 dtypes; 2 targets.
+    assert summary == "checked 160 kernels: 0 violations", result.stdout
+    assert "| sm_90a | fp16 | PREACT |" in result.stdout and "| sm_80 | bf16 | PREACT |" in result.stdout
 
 
 def record(**fields) -> dict:
