@@ -245,7 +245,7 @@ def shrunk_configs(m, cout_g: int, k_step: int) -> list:
 
 def shared_memory_estimate(config, element_size: int, precision: str, arch: int) -> int:
     """Bytes of shared memory the compiled kernel needs for `config` on compute capability `arch`
-    (86 for 8.6), at most: tests/triton_static.py checks it against the compiled kernels' own figure.
+    (86 for 8.6), at most: tools/triton_static.py checks it against the compiled kernels' own figure.
 
     The pipeline holds num_stages tiles of A and B (sm_80 often keeps one stage fewer, and the flat
     K walk's gathered loads only one); tf32x3 on Hopper's wgmma keeps one more tile of B. The
@@ -259,12 +259,12 @@ def shared_memory_estimate(config, element_size: int, precision: str, arch: int)
 def _registers_fit(config, flat_k: bool) -> bool:
     """Whether ptxas can keep the tile in registers: per thread, at most 64 fp32 accumulator values,
     and with the flat K walk (an address and a mask computed per element of the A tile) at most 32
-    elements of the A tile. Bigger tiles spill (tests/triton_static.py finds spills in fp16 on sm_80
+    elements of the A tile. Bigger tiles spill (tools/triton_static.py finds spills in fp16 on sm_80
     and sm_90a: 128x256 on 1x1 layers, 128x16x64 on ResNeXt's grouped 3x3).
 
     The same budget holds for every epilogue (bias, residual, ReLU, PREACT's second store), measured
     rather than assumed: PREACT moves a kept tile's registers by -26 to +38, yet compiled with it for
-    sm_80 and sm_90a (tests/triton_static.py, every tile of its layers), the fp16 and bf16 tiles this
+    sm_80 and sm_90a (tools/triton_static.py, every tile of its layers), the fp16 and bf16 tiles this
     rule keeps use at most 247 registers (255 with the flat K walk, as without PREACT) and none of the
     552 spills, while 86 of the 112 it drops do. A margin per epilogue would drop the 64-accumulator
     tiles, the fastest on large layers, for no spill found; the static check compiles tiles with
