@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import backends
-from .cli_options import ARCH_HELP, DTYPES, _arch, _check_backend, _device
+from .cli_options import ARCH_HELP, DTYPES, _arch, _at_least, _check_backend, _device
 from .predict import Predictor, compare_with_eager, image_paths, load_model, predict_files
 from .predict_output import open_output, output_format
 from .scale import connected, predict_paths_on_ray
@@ -65,22 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scale.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs (and torch threads) per actor (default 1)")
 
 
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < least:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer of at least {least}")
-    return value
+# argparse types: the one the other subcommands use (cli_options._at_least).
+positive_int = _at_least(1)
+non_negative_int = _at_least(0)
 
 
 def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
