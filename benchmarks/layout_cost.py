@@ -3,10 +3,12 @@ outputs returned, as detection and segmentation backbones use it), fed NCHW imag
 
     python benchmarks/layout_cost.py [--batch 2] [--image-size 224] [--threads 2] [--rounds 15]
 
-Times, round-robin in one process: the model fr.fuse returns (each fused block hands back eager's
-NCHW layout), the same model with every fused module left in channels_last (what it would cost without
-the conversions; its outputs then differ from eager's in layout), and eager. Prints medians with
-p20-p80 and the cost of the conversions in percent.
+Times, round-robin in one process: the model fr.fuse returns (fused modules hand each other
+channels_last tensors where only fused modules read them, and convert what the model returns to eager's
+NCHW; fused_resnet/layout.py), the same model without that plan (every fused block converts its output
+to NCHW and the next one back), the same model with every fused module left in channels_last (what it
+would cost without any conversion; its outputs then differ from eager's in layout), and eager. Prints
+medians with p20-p80 and the cost of the conversions in percent.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 import fused_resnet as fr
 from fused_resnet import cpu_isa
+from fused_resnet.layout_plan import remove_plan
 from fused_resnet.parity import randomize_bn_
 from fused_resnet.timing import interleaved_ms
 
@@ -36,12 +39,18 @@ def main() -> None:
     backbone = randomize_bn_(torchvision.models.resnet50().eval(), torch.Generator().manual_seed(0))
     model = IntermediateLayerGetter(backbone, {f"layer{i}": f"c{i + 1}" for i in range(1, 5)})
     as_eager = fr.fuse(model)
+    unplanned = remove_plan(fr.fuse(model))
     internal = fr.fuse(model)
     for module in internal.modules():
         if getattr(module, "output_layout", None) == "as_eager":
             module.output_layout = "channels_last"
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(1))
-    peers = {"fused, eager's layouts (fr.fuse)": as_eager, "fused, channels_last throughout": internal, "eager": model}
+    peers = {
+        "fused, eager's layouts (fr.fuse)": as_eager,
+        "fused, converting at every boundary": unplanned,
+        "fused, channels_last throughout": internal,
+        "eager": model,
+    }
     with torch.no_grad():
         samples = interleaved_ms({name: (lambda m=m: m(x)) for name, m in peers.items()}, torch.device("cpu"), reps=args.rounds)
     print(
@@ -53,8 +62,9 @@ def main() -> None:
     for name, times in samples.items():
         q = statistics.quantiles(times, n=5)
         print(f"  {name:36s} {medians[name]:8.1f} ms  (p20-p80 {q[0]:.1f}-{q[3]:.1f})")
-    cost = medians["fused, eager's layouts (fr.fuse)"] / medians["fused, channels_last throughout"] - 1
-    print(f"cost of returning eager's layouts: {cost:+.1%}")
+    for name in ("fused, eager's layouts (fr.fuse)", "fused, converting at every boundary"):
+        cost = medians[name] / medians["fused, channels_last throughout"] - 1
+        print(f"cost of returning eager's layouts, {name.removeprefix('fused, ')}: {cost:+.1%}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import backends, cpu_isa
 from .graph_fuse import FusionGroup, fuse_graph, scan
+from .layout_plan import plan_layouts
 from .known_modules import (
     bn_activation, bn_problem, block_twin_problem, conv_problem, hook_problem, is_relu, is_training_batch_norm,
 )
@@ -129,6 +130,7 @@ def fuse_with_report(
         scan(fused, refusals)
         _swap_blocks(fused, backend, dtype, groups, refusals)
         fused = fuse_graph(fused, backend, dtype, groups, refusals, replaceable=hook_problem(fused) is None)
+        plan_layouts(fused)
     _report_remaining_norms(fused, groups)
     if warn:
         _warn_left(model, groups)

@@ -34,6 +34,7 @@ from torch import fx, nn
 
 from . import patterns
 from .fold import BN_TYPES
+from .layout import in_eager_layout
 from .known_modules import bn_activation, bn_problem, conv_problem, hook_problem
 from .nn import FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dPreact, FusedResNet
 from .patterns import STEPS, Pattern, node_kind
@@ -63,7 +64,7 @@ def conv_add_residual(conv: FusedConv2d, x: torch.Tensor, residual) -> torch.Ten
     add wrote it otherwise (a broadcast, another dtype, a number), so the fused graph keeps its function."""
     if isinstance(residual, torch.Tensor) and residual.dtype == conv.weight.dtype and residual.shape == conv.output_shape(x):
         return conv(x, residual)
-    y = conv(x, relu=False) + residual
+    y = conv(x, relu=False, may_stay_channels_last=False) + in_eager_layout(residual, conv._residual_note)
     return y.relu() if conv.relu else y
 
 
@@ -105,7 +106,7 @@ def conv_add_preact(conv: FusedConv2dPreact, x: torch.Tensor, residual) -> tuple
     cannot take is added as the model wrote it (see conv_add_residual)."""
     if isinstance(residual, torch.Tensor) and residual.dtype == conv.weight.dtype and residual.shape == conv.output_shape(x):
         return conv(x, residual)
-    y = conv.conv(x) + residual
+    y = conv.conv(x) + in_eager_layout(residual, conv._residual_note)
     return y, conv.pre_activate(y)
 
 

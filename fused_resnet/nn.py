@@ -13,12 +13,12 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import backends
 from . import ops
+from .layout import LayoutMixin, is_channels_last as _is_channels_last, reader_input, tracing as _tracing
 from .ops import conv2d_bias_act, conv2d_preact
 from .fold import bn_scale_shift, fold_bn
 from .known_modules import block_twin_problem, foldable_shortcut
@@ -38,18 +38,13 @@ _warned_train = False
 OUTPUT_LAYOUTS = ("channels_last", "as_eager")
 
 
-def in_layout_of(y: Tensor, x: Tensor) -> Tensor:
-    """`y` in the memory format eager's conv gives its output for input `x`: channels_last for a channels_last
-    input, else contiguous (NCHW)."""
-    return y.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else y.contiguous()
-
-
-class FusedConv2d(nn.Module):
+class FusedConv2d(LayoutMixin, nn.Module):
     """act(conv2d(x, weight) + bias [+ residual]); act is ReLU when `relu`, else the identity.
 
     `output_layout`: "channels_last" (the fused op's own output, best for a fused network that stays in it)
     or "as_eager" (the memory format eager's conv would give: channels_last for a channels_last input,
-    else NCHW), for a conv whose output code outside the fused network may read (`.view` needs it)."""
+    else NCHW), for a conv whose output code outside the fused network may read (`.view` needs it);
+    fr.fuse lets such a conv keep channels_last where only fused modules read its output (layout.py)."""
 
     output_layout = "channels_last"  # modules pickled before the attribute existed
 
@@ -133,17 +128,26 @@ class FusedConv2d(nn.Module):
         return (x.shape[0], self.out_channels, *sizes)
 
     def forward(
-        self, x: Tensor, residual: Tensor | None = None, *, relu: bool | None = None, residual_writable: bool = False
+        self, x: Tensor, residual: Tensor | None = None, *, relu: bool | None = None, residual_writable: bool = False,
+        may_stay_channels_last: bool = True,
     ) -> Tensor:
         """`relu=False` leaves out the activation (for a residual the epilogue cannot take).
-        `residual_writable=True`: the caller will not read `residual` again (see ops.conv2d_bias_act)."""
+        `residual_writable=True`: the caller will not read `residual` again (see ops.conv2d_bias_act).
+        `may_stay_channels_last=False`: code of the model's own reads the output (see layout.py)."""
         relu = self.relu if relu is None else relu
+        x, eager_channels_last = reader_input(x, self._x_note)
+        if residual is not None:
+            given = residual
+            residual = reader_input(residual, self._residual_note)[0]
+            residual_writable = residual_writable and residual is given  # never over a twin another reader may read
         # Checked here, after this module's pre-hooks ran: a hook that saw `residual` may keep it.
         residual_writable = residual_writable and residual is not None and not _hooked(self) and not _tracing()
         y = conv2d_bias_act(
             x, self.weight, self.bias, residual, relu=relu, residual_writable=residual_writable, **self._conv_arguments()
         )
-        return y if self.output_layout == "channels_last" else in_layout_of(y, x)
+        if self.output_layout == "channels_last":
+            return y
+        return self._eager_output((y,), x, eager_channels_last, may_stay_channels_last)[0]
 
     def _conv_arguments(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups, backend=self.backend)
@@ -190,12 +194,15 @@ class FusedConv2dPreact(FusedConv2d):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         scale, shift = self.preact_scale, self.preact_shift
+        x, eager_channels_last = reader_input(x, self._x_note)
+        if residual is not None:
+            residual = reader_input(residual, self._residual_note)[0]
         y, z = conv2d_preact(x, self.weight, self.bias, residual, scale=scale, shift=shift, **self._conv_arguments())
-        return (y, z) if self.output_layout == "channels_last" else (in_layout_of(y, x), in_layout_of(z, x))
+        return (y, z) if self.output_layout == "channels_last" else self._eager_output((y, z), x, eager_channels_last)
 
     def conv(self, x: Tensor) -> Tensor:
         """conv2d(x, weight) + bias alone, for a residual the epilogue cannot take (then see pre_activate)."""
-        return super().forward(x, relu=False)
+        return super().forward(x, relu=False, may_stay_channels_last=False)
 
     def pre_activate(self, y: Tensor) -> Tensor:
         """z for a y computed apart."""
@@ -220,15 +227,6 @@ def fuse_downsample(downsample: nn.Module | None, backend: str, dtype=None) -> n
         stacklevel=3,
     )
     return copy.deepcopy(downsample).to(dtype)
-
-
-def _tracing() -> bool:
-    """torch.fx, torch.export or torch.compile is tracing: what the code does is recorded, not run once."""
-    return is_fx_symbolic_tracing() or torch.compiler.is_compiling()
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _hooked(module: nn.Module, own_only: bool = False) -> bool:
@@ -261,7 +259,7 @@ def _check_twin(block: nn.Module) -> None:
         )
 
 
-class _FusedResidualBlock(nn.Module):
+class _FusedResidualBlock(LayoutMixin, nn.Module):
     """A torchvision block as fused convs conv1 .. convN; the residual add and ReLU run in convN's epilogue.
 
     `output_layout` as FusedConv2d's: "as_eager" returns the block's output in the memory format the
@@ -295,12 +293,15 @@ class _FusedResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, *, x_writable: bool = False) -> Tensor:
         """`x_writable=True`: the caller will not read `x` again, so the block may write over it."""
+        given = x
+        x, eager_channels_last = reader_input(x, self._x_note)
+        x_writable = x_writable and x is given  # never over a twin another reader may read
         out = x
         for name in self.CONVS[:-1]:
             out = getattr(self, name)(out)
         residual, writable = _residual_of(self, x, x_writable)
         out = getattr(self, self.CONVS[-1])(out, residual=residual, residual_writable=writable)
-        return out if self.output_layout == "channels_last" else in_layout_of(out, x)
+        return out if self.output_layout == "channels_last" else self._eager_output((out,), x, eager_channels_last)[0]
 
 
 class FusedBasicBlock(_FusedResidualBlock):

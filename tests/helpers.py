@@ -8,12 +8,15 @@ for a case it does not serve, instead of failing or leaving the case out."""
 
 from __future__ import annotations
 
+import copy
 import re
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fused_resnet as fr
 from fused_resnet import backends, cpu_isa, dispatch
 from fused_resnet.call import ConvCall
 from fused_resnet.parity import parity
@@ -76,3 +79,38 @@ def run_on_onednn(call, dtype: torch.dtype, request, served):
         out = call()
     assert served_by and set(served_by) == {"torch"}, served_by
     return out
+
+
+def fuse_quietly(model, **kwargs):
+    """fr.fuse without its warning of the layers left unfused (a test checks fr.inspect instead)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fr.fuse(model, **kwargs)
+
+
+def named_tensors(value, prefix="out") -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a model's output (a tensor, or dicts, lists and tuples of them), each with its place."""
+    if isinstance(value, torch.Tensor):
+        return [(prefix, value)]
+    if isinstance(value, dict):
+        return [item for k in value for item in named_tensors(value[k], f"{prefix}[{k!r}]")]
+    if isinstance(value, (list, tuple)):
+        return [item for i, v in enumerate(value) for item in named_tensors(v, f"{prefix}[{i}]")]
+    return []
+
+
+@torch.no_grad()
+def assert_same_function(model, fused, *inputs):
+    """Parity with eager (fp32, float64 reference), output by output, memory formats included."""
+    eager, ours = model(*inputs), fused(*inputs)
+    exact = copy.deepcopy(model).double()(*(t.double() if isinstance(t, torch.Tensor) else t for t in inputs))
+    assert len(named_tensors(ours)) == len(named_tensors(eager))
+    for (name, e), (_, o), (_, x) in zip(named_tensors(eager), named_tensors(ours), named_tensors(exact)):
+        assert o.shape == e.shape, f"{name}: shape {tuple(o.shape)} vs eager's {tuple(e.shape)}"
+        for layout in (torch.contiguous_format, torch.channels_last):
+            assert o.is_contiguous(memory_format=layout) == e.is_contiguous(memory_format=layout), (
+                f"{name}: {layout} {o.is_contiguous(memory_format=layout)} vs eager's {e.is_contiguous(memory_format=layout)}"
+            )
+        result = parity(o, e, x)
+        assert result.ok, f"{name}: {result}"
+    return eager, ours

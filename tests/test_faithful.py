@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import types
-import warnings
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import fused_resnet as fr
 from fused_resnet.parity import parity, randomize_bn_
+from helpers import assert_same_function, fuse_quietly as _fuse
 
 
 def resnet(generator, arch=torchvision.models.resnet18, **kwargs):
@@ -27,36 +27,6 @@ def resnet(generator, arch=torchvision.models.resnet18, **kwargs):
 
 def images(generator, batch=2, size=64, channels=3):
     return torch.randn(batch, channels, size, size, generator=generator)
-
-
-@torch.no_grad()
-def assert_same_function(model, fused, *inputs):
-    """Parity with eager (fp32, float64 reference), output by output, layouts included."""
-    eager, ours = model(*inputs), fused(*inputs)
-    exact = copy.deepcopy(model).double()(*(t.double() if isinstance(t, torch.Tensor) else t for t in inputs))
-    assert len(_named(ours)) == len(_named(eager))
-    for (name, e), (_, o), (_, x) in zip(_named(eager), _named(ours), _named(exact)):
-        assert o.shape == e.shape, f"{name}: shape {tuple(o.shape)} vs eager's {tuple(e.shape)}"
-        assert o.is_contiguous() == e.is_contiguous(), f"{name}: contiguous {o.is_contiguous()} vs eager's {e.is_contiguous()}"
-        result = parity(o, e, x)
-        assert result.ok, f"{name}: {result}"
-    return eager, ours
-
-
-def _named(value, prefix="out"):
-    if isinstance(value, torch.Tensor):
-        return [(prefix, value)]
-    if isinstance(value, dict):
-        return [item for k in value for item in _named(value[k], f"{prefix}[{k!r}]")]
-    if isinstance(value, (list, tuple)):
-        return [item for i, v in enumerate(value) for item in _named(v, f"{prefix}[{i}]")]
-    return []
-
-
-def _fuse(model, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the count of layers left unfused; fr.inspect is checked instead
-        return fr.fuse(model, **kwargs)
 
 
 def _unfused(model) -> dict[str, str]:

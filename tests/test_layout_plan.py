@@ -1,0 +1,221 @@
+"""Fused modules hand each other channels_last tensors where only fused modules read them, and whatever
+code of the model's own, a hook or a caller sees has eager's memory format (fused_resnet/layout.py).
+
+Each test asserts eager's values and layouts, and, where the plan should save conversions, counts the
+copies ATen makes, against the same fused model with its plan removed."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+from collections import Counter
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models._utils import IntermediateLayerGetter
+
+from fused_resnet.layout_plan import plan_layouts, remove_plan
+from fused_resnet.parity import randomize_bn_
+from helpers import assert_same_function, fuse_quietly
+
+
+def extractor(generator, arch=torchvision.models.resnet18):
+    backbone = randomize_bn_(arch().eval(), generator)
+    return IntermediateLayerGetter(backbone, {f"layer{i}": f"c{i + 1}" for i in range(1, 5)})
+
+
+def images(generator, batch=2, size=64):
+    return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def unplanned(fused: nn.Module) -> nn.Module:
+    """The same fused model returning eager's layout from every fused module, converting at each boundary."""
+    return remove_plan(copy.deepcopy(fused))
+
+
+class _CountCopies(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def copies(model, x) -> int:
+    """The layout conversions ATen makes in one call: clones (to NCHW) and copies into new tensors."""
+    with _CountCopies() as counter:
+        model(x)
+    return counter.ops["clone"] + counter.ops["copy_"]
+
+
+class LayoutTap(nn.Module):
+    """A module of the user's own that records whether what it is given is contiguous (NCHW)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.is_contiguous())
+        return x
+
+
+def test_a_feature_extractor_converts_only_what_it_returns(generator):
+    model = extractor(generator)
+    fused = fuse_quietly(model)
+    x = images(generator)
+    assert_same_function(model, fused, x)
+    assert_same_function(model, fused, x.contiguous(memory_format=torch.channels_last))
+    plain = unplanned(fused)
+    assert plan_layouts(copy.deepcopy(fused)) == 4  # the first block of each stage hands the second channels_last
+    with torch.no_grad():
+        for name, value in fused(x).items():
+            assert torch.equal(value, plain(x)[name])
+    # Unplanned: each of the 8 blocks and the stem converts its output to NCHW and the next converts it back.
+    # Planned: the stem (read by maxpool) and the 4 returned maps convert once each; no block converts back.
+    assert copies(fused, x) < copies(plain, x)
+    assert copies(fused, x) == 5
+
+
+def test_hooks_registered_after_fusing_see_eagers_layout(generator):
+    model = extractor(generator)
+    fused = fuse_quietly(model)
+    x = images(generator)
+    seen = {}
+
+    def note(key, tensor):  # returns None: the hooks only look
+        seen.setdefault(key, tensor.is_contiguous())
+
+    fused.layer1[0].register_forward_hook(lambda m, a, out: note("block output", out))
+    fused.layer2[1].register_forward_pre_hook(lambda m, a: note("block input", a[0]))
+    fused.layer3.register_forward_pre_hook(lambda m, a, k: note("stage input", a[0]), with_kwargs=True)
+    assert_same_function(model, fused, x)
+    assert seen == {"block output": True, "block input": True, "stage input": True}
+    global_seen = []
+    blocks = {id(m) for path in ("layer1", "layer2", "layer3", "layer4") for m in (fused.get_submodule(path), *fused.get_submodule(path))}
+
+    def look(module, args, out):  # the modules eager has too (the convs inside a fused block are its own)
+        if id(module) in blocks:
+            global_seen.append(out.is_contiguous())
+
+    handle = nn.modules.module.register_module_forward_hook(look)
+    try:
+        assert_same_function(model, fused, x)
+    finally:
+        handle.remove()
+    assert global_seen and all(global_seen)
+
+
+def test_a_block_or_stage_called_on_its_own_returns_eagers_layout(generator):
+    model = extractor(generator)
+    fused = fuse_quietly(model)
+    x = torch.randn(2, 64, 16, 16, generator=generator)
+    with torch.no_grad():
+        for path in ("layer1", "layer1.0", "layer1.1"):
+            ours, eager = fused.get_submodule(path)(x), model.get_submodule(path)(x)
+            assert ours.is_contiguous() and torch.allclose(ours, eager, atol=1e-4, rtol=1e-4), path
+        alone = copy.deepcopy(fused.layer1[0])  # a copy of the producer alone: its plan is not its own
+        assert alone(x).is_contiguous()
+
+
+def test_modules_inserted_or_forwards_replaced_after_fusing_see_eagers_layout(generator):
+    model = extractor(generator)
+    fused = fuse_quietly(model)
+    x = images(generator)
+    tap, eager_tap = LayoutTap(), LayoutTap()
+    fused.layer1.insert(1, tap)
+    model.layer1.insert(1, eager_tap)
+    assert_same_function(model, fused, x)
+    assert tap.seen and tap.seen == eager_tap.seen
+    fused, model = fuse_quietly(extractor(generator)), extractor(generator)
+    seen = []
+
+    def forward(self, x):  # a stage whose forward the user replaced, reading what the first block returns
+        x = self[0](x)
+        seen.append(x.is_contiguous())
+        return self[1](x)
+
+    fused.layer2.forward = forward.__get__(fused.layer2)
+    with torch.no_grad():
+        fused(x)
+    assert seen == [True]
+
+
+def test_a_model_writing_over_a_returned_map_before_a_fused_block_reads_it(generator):
+    """The fused reader of a converted map uses the channels_last original only while the map is unchanged."""
+
+    class Doubling(nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.layer1, self.layer2 = backbone.layer1, backbone.layer2
+
+        def forward(self, x):
+            a = self.layer1(x)
+            kept = a.clone()
+            a.mul_(2)  # in place, between the block that returned it and the one that reads it
+            return self.layer2(a), kept
+
+    model = Doubling(randomize_bn_(torchvision.models.resnet18().eval(), generator)).eval()
+    fused = fuse_quietly(model)
+    assert_same_function(model, fused, torch.randn(2, 64, 16, 16, generator=generator))
+
+
+def test_threads_with_different_input_layouts_each_get_their_own(generator):
+    model = extractor(generator)
+    fused = fuse_quietly(model)
+    inputs = [images(generator), images(generator).contiguous(memory_format=torch.channels_last)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    failures = []
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(6):
+                out = fused(inputs[i])
+                for name, value in out.items():
+                    if value.is_contiguous() != expected[i][name].is_contiguous() or not torch.allclose(value, expected[i][name], atol=1e-3, rtol=1e-3):
+                        failures.append((i, name))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "pickle"])
+def test_copies_keep_the_plan(generator, copy_by):
+    model = extractor(generator)
+    fused = fuse_quietly(model)
+    copied = copy.deepcopy(fused) if copy_by == "deepcopy" else pickle.loads(pickle.dumps(fused))
+    x = images(generator)
+    assert_same_function(model, copied, x)
+    assert copies(copied, x) == copies(fused, x)
+
+
+def test_inference_mode_autograd_and_tracing_see_eagers_layout(generator):
+    model = extractor(generator)
+    fused = fuse_quietly(model)
+    x = images(generator)
+    with torch.inference_mode():
+        assert_same_function(model, fused, x)
+    # Gradients through the channels_last originals equal those through the converted maps.
+    plain = unplanned(fused)
+    grads = []
+    for m in (fused, plain):
+        xr = x.clone().requires_grad_()
+        sum(v.square().sum() for v in m(xr).values()).backward()
+        grads.append(xr.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())  # summed in another order
+    compiled = torch.compile(fused, backend="eager")
+    with torch.no_grad():
+        for name, value in compiled(x).items():
+            assert value.is_contiguous(), name
