@@ -122,6 +122,7 @@ class _Match:
     bn: fx.Node | None
     add: fx.Node | None
     preact: fx.Node | None = None  # the BatchNorm that reads the add's value, in a pre-activation chain
+    pool: fx.Node | None = None  # the max pooling a stem's chain ends in
 
     @property
     def last(self) -> fx.Node:
@@ -166,6 +167,8 @@ def _match(conv: fx.Node, pattern: Pattern, modules, modules_only: bool) -> _Mat
             match.add = found
         elif found.args[0] is not previous:
             return None
+        if step.kind == "maxpool":
+            match.pool = found
         if step.kind.startswith("bn"):
             if _features(modules[found.target]) != modules[conv.target].out_channels:
                 return None
@@ -178,7 +181,8 @@ def _fused_conv(match: _Match, modules, backend: str, dtype) -> FusedConv2d:
     bn = modules[match.bn.target] if match.bn is not None else None
     relu = "relu" in match.pattern.steps or "bn_relu" in match.pattern.steps
     found = patterns.Match(
-        modules[match.conv.target], bn, modules[match.preact.target] if match.preact is not None else None, relu
+        modules[match.conv.target], bn, modules[match.preact.target] if match.preact is not None else None, relu,
+        modules[match.pool.target] if match.pool is not None else None,
     )
     return match.pattern.build(found, backend, dtype)
 

@@ -95,6 +95,15 @@ def is_relu(module: nn.Module) -> bool:
     return type(module) is nn.ReLU and "forward" not in module.__dict__ and hook_problem(module) is None
 
 
+def is_max_pool(module: nn.Module) -> bool:
+    """A plain nn.MaxPool2d (no indices returned, its own forward, no hook): it pools channels_last
+    as it pools NCHW, to the same values."""
+    return (
+        type(module) is nn.MaxPool2d and not module.return_indices and "forward" not in module.__dict__
+        and hook_problem(module) is None
+    )
+
+
 def bn_activation(bn: nn.Module) -> nn.Module | None:
     """The activation a BatchNormAct2d applies after normalising (None for a plain BatchNorm or the identity)."""
     act = getattr(bn, "act", None) if isinstance(bn, _ACT_BNS) else None

@@ -123,7 +123,7 @@ class FusedConv2d(LayoutMixin, nn.Module):
         return fused
 
     def output_shape(self, x: Tensor) -> tuple[int, ...]:
-        """The shape of this conv's output for a 4-D input `x`."""
+        """The shape of this conv's output for a 4-D input `x` (before what `_finish` applies)."""
         sizes = map(conv_output_size, x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation)
         return (x.shape[0], self.out_channels, *sizes)
 
@@ -142,12 +142,16 @@ class FusedConv2d(LayoutMixin, nn.Module):
             residual_writable = residual_writable and residual is given  # never over a twin another reader may read
         # Checked here, after this module's pre-hooks ran: a hook that saw `residual` may keep it.
         residual_writable = residual_writable and residual is not None and not _hooked(self) and not _tracing()
-        y = conv2d_bias_act(
+        y = self._finish(conv2d_bias_act(
             x, self.weight, self.bias, residual, relu=relu, residual_writable=residual_writable, **self._conv_arguments()
-        )
+        ))
         if self.output_layout == "channels_last":
             return y
         return self._eager_output((y,), x, eager_channels_last, may_stay_channels_last)[0]
+
+    def _finish(self, y: Tensor) -> Tensor:
+        """What follows the fused op inside this module, in channels_last (nothing here)."""
+        return y
 
     def _conv_arguments(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups, backend=self.backend)
@@ -210,6 +214,27 @@ class FusedConv2dPreact(FusedConv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", preact=True"
+
+
+class FusedConv2dMaxPool(FusedConv2d):
+    """A fused conv whose result is max-pooled before it is returned: a stem's conv, BN, ReLU and max
+    pool. Pooled in channels_last, so that the stem hands the first block channels_last (max pooling
+    gives the same values in either layout)."""
+
+    def __init__(self, *args, pool: nn.MaxPool2d | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pool = copy.deepcopy(pool) if pool is not None else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    @classmethod
+    def from_conv_bn_pool(cls, conv: nn.Conv2d, bn: nn.Module | None, pool: nn.MaxPool2d, *, relu: bool, backend: str = "auto",
+                          dtype=None, output_layout: str = "channels_last"):
+        """The conv with `bn` (if any) folded in, then ReLU if `relu`, then `pool` (copied). No module is modified."""
+        fused = cls.from_conv_bn(conv, bn, relu=relu, backend=backend, dtype=dtype, output_layout=output_layout)
+        fused.pool = copy.deepcopy(pool)
+        return fused
+
+    def _finish(self, y: Tensor) -> Tensor:
+        return self.pool(y)
 
 
 def fuse_downsample(downsample: nn.Module | None, backend: str, dtype=None) -> nn.Module | None:

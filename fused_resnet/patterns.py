@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .fold import BN_TYPES
-from .known_modules import bn_activation, bn_problem, conv_problem, is_relu
-from .nn import FusedConv2d, FusedConv2dPreact
+from .known_modules import bn_activation, bn_problem, conv_problem, is_max_pool, is_relu
+from .nn import FusedConv2d, FusedConv2dMaxPool, FusedConv2dPreact
 
 
 @dataclass(frozen=True)
 class Step:
     """One step of a chain after the conv.
 
-    kind: what the node must be (node_kind's words: "bn", "bn_relu", "bn_act", "add", "relu").
+    kind: what the node must be (node_kind's words: "bn", "bn_relu", "bn_act", "add", "relu", "maxpool").
     side_read: the step reads the previous value, which may have other readers (a pre-activation's
         BatchNorm reads the residual stream, which the next shortcut reads too); otherwise the step must
         be the previous value's only reader, so that no value anyone else reads is fused away.
@@ -47,6 +47,7 @@ STEPS = {
     "bn_act": Step("bn_act"),  # a BatchNorm that applies another activation, kept after the fused conv
     "add": Step("add", binary=True),  # the residual add, in the conv's epilogue
     "relu": Step("relu"),
+    "maxpool": Step("maxpool"),  # a stem's max pooling, applied to the fused conv's channels_last output
     "preact_bn": Step("bn", side_read=True),  # the next block's BatchNorm of the add's value: a second output
     "preact_bn_relu": Step("bn_relu", side_read=True),
 }
@@ -60,6 +61,7 @@ class Match:
     bn: nn.Module | None  # folded into the conv
     preact_bn: nn.Module | None  # the BatchNorm of the second output
     relu: bool  # the chain ends in a ReLU (its own, or a BatchNormAct2d's)
+    pool: nn.Module | None = None  # the nn.MaxPool2d the chain ends in
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,12 @@ def fused_conv(match: Match, backend: str, dtype) -> FusedConv2d:
     return FusedConv2d.from_conv_bn(match.conv, match.bn, relu=match.relu, backend=backend, dtype=dtype, output_layout="as_eager")
 
 
+def fused_conv_max_pool(match: Match, backend: str, dtype) -> FusedConv2dMaxPool:
+    return FusedConv2dMaxPool.from_conv_bn_pool(
+        match.conv, match.bn, match.pool, relu=match.relu, backend=backend, dtype=dtype, output_layout="as_eager"
+    )
+
+
 def fused_preact_conv(match: Match, backend: str, dtype) -> FusedConv2dPreact:
     return FusedConv2dPreact.from_conv_bn(
         match.conv, match.bn, preact_bn=match.preact_bn, backend=backend, dtype=dtype, output_layout="as_eager"
@@ -98,6 +106,8 @@ PATTERNS = (
     Pattern(("bn", "add", "preact_bn_relu"), fused_preact_conv, outputs=2),
     Pattern(("add", "preact_bn_relu"), fused_preact_conv, outputs=2),
     Pattern(("bn", "add", "relu"), fused_conv),
+    Pattern(("bn", "relu", "maxpool"), fused_conv_max_pool),
+    Pattern(("bn_relu", "maxpool"), fused_conv_max_pool),
     Pattern(("bn", "relu"), fused_conv),
     Pattern(("bn_relu",), fused_conv),
     Pattern(("bn_act",), fused_conv),
@@ -128,6 +138,8 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module], modules_only: bool) 
             return "bn" if act is None else "bn_relu" if is_relu(act) else "bn_act"
         if is_relu(module):
             return "relu"
+        if is_max_pool(module):
+            return "maxpool"
         return "identity" if type(module) is nn.Identity else None
     if modules_only:
         return None

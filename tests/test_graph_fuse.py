@@ -229,8 +229,9 @@ def test_inspect_names_each_group_and_leaves_the_model_alone():
     report = fr.inspect(model)
     assert report.batch_norms_before == 55 and report.batch_norms_after == 0 and not report.unfused
     patterns = Counter(g.pattern for g in report.groups)
-    # deep stem: 3 conv+bn+relu; 16 blocks: 2 conv+bn+relu and conv3+bn+add+relu; 4 avgpool+conv+bn shortcuts
-    assert patterns == {"conv+bn+relu": 3 + 2 * 16, "conv+bn+add+relu": 16, "conv+bn": 4}
+    # deep stem: 2 conv+bn+relu, then conv+bn+relu+maxpool; 16 blocks: 2 conv+bn+relu and conv3+bn+add+relu;
+    # 4 avgpool+conv+bn shortcuts
+    assert patterns == {"conv+bn+relu": 2 + 2 * 16, "conv+bn+relu+maxpool": 1, "conv+bn+add+relu": 16, "conv+bn": 4}
     assert _state(model)[1] == modules and all(torch.equal(v, states[k]) for k, v in model.state_dict().items())
 
 
@@ -293,3 +294,33 @@ def test_a_residual_the_epilogue_cannot_take_is_added_as_the_model_wrote_it(kind
         expected, out = model(x), fused(x)
     assert out.dtype == expected.dtype
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", [
+    nn.MaxPool2d(3, 2, 1),
+    nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+    nn.MaxPool2d(2, dilation=2),
+    nn.MaxPool2d((3, 2), (1, 2), (1, 0)),
+])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_stems_max_pool_is_taken_into_its_fused_conv(pool, layout):
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), pool, nn.Conv2d(8, 4, 1)).eval())
+    fused = fr.fuse(model, backend="torch")
+    assert [type(m) for m in fused] == [fr.FusedConv2dMaxPool, nn.Identity, nn.Identity, nn.Identity, nn.Conv2d]
+    assert [g.pattern for g in fr.inspect(model).groups if g.fused] == ["conv+bn+relu+maxpool"]
+    x = torch.randn(2, 3, 13, 11).contiguous(memory_format=layout)
+    _assert_parity(model, fused, x)
+    with torch.no_grad():
+        x[0, 0, 3, 3] = float("nan")
+        assert fused(x).isnan().sum() == model(x).isnan().sum() > 0
+        assert fused[0](x).is_contiguous(memory_format=layout) and model[:4](x).is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.MaxPool2d(3, 2, 1, return_indices=True), "hooked"])
+def test_a_max_pool_that_returns_indices_or_has_a_hook_stays(make):
+    pool = nn.MaxPool2d(3, 2, 1) if make == "hooked" else make()
+    if make == "hooked":
+        pool.register_forward_hook(lambda m, a, out: None)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), pool).eval())
+    fused = fr.fuse(model, backend="torch")
+    assert type(fused[0]) is fr.FusedConv2d and fused[3] is not pool and type(fused[3]) is nn.MaxPool2d
