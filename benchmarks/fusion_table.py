@@ -4,8 +4,8 @@ eager vs fused CPU time, fp32. A model whose fusing or running raises gets a row
 
     python benchmarks/fusion_table.py [--batch 2] [--image-size 128] [--threads 2] [--models timm:resnet50 ...]
 
-Prints a Markdown table. Times are medians of torch.utils.benchmark.Timer runs, measured in one process,
-eager and fused of one model one after the other; the machine's load average is printed with them.
+Prints a Markdown table. Times are medians of interleaved rounds of eager and fused (fused_resnet.timing),
+in one process; the machine's load average is printed with them. Layouts are compared output by output.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import warnings
 
 import torch
 import torchvision.models as tvm
-from torch.utils import benchmark
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -26,6 +26,7 @@ from fused_resnet import cpu_isa
 from fused_resnet.architectures import OTHER_MODELS, build
 from fused_resnet.fusion_report import NORM_OPS, batch_norm_ops
 from fused_resnet.parity import parity, randomize_bn_
+from fused_resnet.timing import interleaved_ms
 
 TIMM = (
     # the ResNet family: stems and shortcuts (B, C, D, S, T), widths and depths, attention, anti-aliasing,
@@ -60,11 +61,10 @@ def outputs(result) -> list[torch.Tensor]:
     return []
 
 
-def median_ms(model, x, runs: int) -> float:
-    timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
-    with torch.no_grad():
-        model(x)  # warm-up
-        return timer.timeit(runs).median * 1e3
+def median_ms(models: dict[str, torch.nn.Module], x, rounds: int) -> dict[str, float]:
+    """Each model's median time per call, timed round-robin (fused_resnet.timing.interleaved_ms)."""
+    samples = interleaved_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, torch.device("cpu"), reps=rounds)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def row(name: str, args) -> str:
@@ -87,10 +87,14 @@ def row(name: str, args) -> str:
         except Exception as error:
             return f"| {name} | the fused model raised {type(error).__name__}: {str(error)[:80]} | | | | | |"
     checks = [parity(o, e, r) for o, e, r in zip(ours, eager_out, exact)]
-    layouts = all(o.is_contiguous() == e.is_contiguous() for o, e in zip(ours, eager_out)) and len(ours) == len(eager_out)
+    layouts = len(ours) == len(eager_out) and all(
+        o.is_contiguous(memory_format=f) == e.is_contiguous(memory_format=f)
+        for o, e in zip(ours, eager_out) for f in (torch.contiguous_format, torch.channels_last)
+    )
     worst = max(checks, key=lambda c: c.error / c.bound)
     verdict = "ok" if all(c.ok for c in checks) and layouts else "FAIL" + ("" if layouts else " (layout)")
-    eager_ms, fused_ms = median_ms(model, x, args.runs), median_ms(fused, x, args.runs)
+    times = median_ms({"eager": model, "fused": fused}, x, args.runs)
+    eager_ms, fused_ms = times["eager"], times["fused"]
     left = ", ".join(sorted({g.pattern if g.pattern != "bn" else "BatchNorm" for g in report.unfused})) or "-"
     return (
         f"| {name} | {len(ours)} | {worst.error:.1e} ({worst.eager_error:.1e}) {verdict} | "
@@ -105,13 +109,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=7, help="interleaved rounds of eager and fused")
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"fp32 CPU (oneDNN at {cpu_isa.describe()}), batch {args.batch}, {args.image_size}x{args.image_size}, {args.threads} threads, backend "
-        f"{args.backend!r}, median of {args.runs}; torch {torch.__version__}, fused_resnet {fr.__version__}"
+        f"{args.backend!r}, medians of {args.runs} interleaved rounds; torch {torch.__version__}, fused_resnet {fr.__version__}"
     )
     print("| model | outputs | worst error vs float64 (eager's), parity | norm ops eager -> fused | left unfused (fr.inspect) | eager/fused time | load |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -25,12 +25,14 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks, _global_forward_pre_hooks,
+)
 
 PLAN_ATTRIBUTE = "_fused_layout_plan"  # on an ancestor module: {StayToken: Stay}
 _MAX_FRAMES = 64  # how far up the call stack the ancestor's forward is looked for
@@ -142,28 +144,32 @@ class StayToken:
     token, which no ancestor knows: it returns eager's layout."""
 
 
+def _unchanged(module: nn.Module, children: tuple, forward) -> bool:
+    current = module._modules
+    if len(current) != len(children) or module.__dict__.get("forward") is not forward:
+        return False
+    return all(a is b for a, b in zip(current.values(), children))
+
+
 @dataclass
 class Stay:
-    """A producer's plan, held by its ancestor: the modules whose hooks could see its output, and each
-    module between the ancestor and the producer and readers with the children and the instance forward
-    (if any) it had when planned."""
+    """A producer's plan, held by its ancestor: the modules whose hooks could see its output (forward or
+    backward), and each module from the ancestor down to the producer and readers with the children and
+    the instance forward (if any) it had when planned. The ancestor's own are kept apart: the plan holds
+    no reference to the module that holds it."""
 
     watched: tuple[nn.Module, ...]
-    containers: tuple[tuple[nn.Module, tuple, object], ...] = field(default_factory=tuple)
+    containers: tuple[tuple[nn.Module, tuple, object], ...]  # below the ancestor: (module, children, forward)
+    children: tuple  # the ancestor's
+    forward: object = None  # the ancestor's instance forward, if it had one
 
-    def holds(self) -> bool:
-        if _global_forward_hooks or _global_forward_pre_hooks:
+    def holds(self, ancestor: nn.Module) -> bool:
+        if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
             return False
         for module in self.watched:
-            if module._forward_hooks or module._forward_pre_hooks:
+            if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
                 return False
-        for module, children, forward in self.containers:
-            current = module._modules
-            if len(current) != len(children) or module.__dict__.get("forward") is not forward:
-                return False
-            if any(a is not b for a, b in zip(current.values(), children)):
-                return False
-        return True
+        return _unchanged(ancestor, self.children, self.forward) and all(_unchanged(*c) for c in self.containers)
 
 
 def may_stay_channels_last(token: StayToken | None) -> bool:
@@ -179,7 +185,7 @@ def may_stay_channels_last(token: StayToken | None) -> bool:
             module = frame.f_locals.get("self")
             plan = getattr(module, "__dict__", {}).get(PLAN_ATTRIBUTE) if isinstance(module, nn.Module) else None
             if plan is not None and token in plan:
-                return plan[token].holds()
+                return plan[token].holds(module)
         frame = frame.f_back
     return False
 
@@ -200,7 +206,7 @@ class LayoutMixin:
             channels_last = is_channels_last(x)
         note = self._note
         if channels_last or note is None:
-            return outputs if channels_last else tuple(t.contiguous() for t in outputs)
+            return tuple(in_layout(t, channels_last) for t in outputs)
         if may_stay and may_stay_channels_last(self._stay):
             note.record(outputs, False)
             return outputs

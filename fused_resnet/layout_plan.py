@@ -123,6 +123,10 @@ def _chain(node: fx.Node, path: str) -> list[str]:
     return [*stack, path]
 
 
+def _as_planned(module: nn.Module) -> tuple:
+    return module, tuple(module._modules.values()), module.__dict__.get("forward")
+
+
 def _plan(root: nn.Module, graph: fx.Graph) -> int:
     uses = _uses(graph, root)
     staying = 0
@@ -165,10 +169,11 @@ def _plan(root: nn.Module, graph: fx.Graph) -> int:
         ancestor_path = chains[0][depth - 1] if depth else ""
         ancestor = root.get_submodule(ancestor_path)
         below = {p for c in chains for p in c[depth:]}
-        containers = [ancestor, *(root.get_submodule(p) for c in chains for p in c[depth:-1])]
+        containers = (root.get_submodule(p) for c in chains for p in c[depth:-1])
         watched = tuple({id(m): m for m in (root.get_submodule(p) for p in sorted(below))}.values())
-        snapshot = tuple({id(m): (m, tuple(m._modules.values()), m.__dict__.get("forward")) for m in containers}.values())
         token = producer._stay = StayToken()
-        ancestor.__dict__.setdefault(PLAN_ATTRIBUTE, {})[token] = Stay(watched, snapshot)
+        ancestor.__dict__.setdefault(PLAN_ATTRIBUTE, {})[token] = Stay(
+            watched, tuple({id(m): _as_planned(m) for m in containers}.values()), *_as_planned(ancestor)[1:]
+        )
         staying += 1
     return staying
