@@ -9,15 +9,16 @@ next one), so a fused module returns its channels_last result as it is when thre
   plan lives in the closest module whose forward calls the producer and all its readers (the
   *ancestor*), keyed by a token the producer holds;
 - at this call, that ancestor's forward is running in this thread, below it the modules between it and
-  the producer and readers are still the same objects (no module replaced or inserted), and no forward
-  hook or pre-hook (global, or of any of those modules) could see the tensor;
+  the producer and readers are still the same objects (no module replaced or inserted), and no hook
+  (forward, pre, backward; global, or of any of those modules) could see the tensor;
 - nothing is being traced (torch.fx, torch.export, torch.compile record one layout for every input).
 
 A reader then no longer sees eager's layout on its input, so the producer notes it, per thread, with a
 weak reference to the very tensor it returned: `reader_input(x, note)` answers for that tensor
 and for no other. When a producer must return eager's layout but fused modules also read its output,
 it notes the channels_last original as the returned tensor's *twin*, which those readers use while the
-returned tensor is unchanged (same object, same version), instead of converting it back.
+returned tensor is unchanged (same object, same version), instead of converting it back. The twin
+lives as long as the returned tensor does.
 """
 
 from __future__ import annotations
