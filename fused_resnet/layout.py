@@ -55,7 +55,22 @@ def is_channels_last(t: Tensor) -> bool:
 
 
 def in_layout(t: Tensor, channels_last: bool) -> Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else to_nchw(t)
+
+
+def to_nchw(t: Tensor) -> Tensor:
+    """`t` as a contiguous (NCHW) tensor. A channels_last CPU tensor is copied image by image as one
+    transposed matrix, which ATen copies in cache-sized blocks: several times faster than its copy of a
+    permuted 4-D tensor. (Where autograd records the copy, or a trace would fix the loop over the batch,
+    the plain `contiguous()`.)"""
+    if t.device.type != "cpu" or not is_channels_last(t) or (t.requires_grad and torch.is_grad_enabled()) or not _plain_run():
+        return t.contiguous()
+    n, c, h, w = t.shape
+    out = torch.empty((n, c, h, w), dtype=t.dtype)
+    rows = t.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of t's memory: (pixel, channel) per image
+    for i in range(n):
+        out[i].view(c, h * w).copy_(rows[i].t())
+    return out
 
 
 class _Slot:
@@ -137,7 +152,7 @@ def in_eager_layout(t, note: LayoutNote | None):
     found = note.lookup(t) if note is not None and isinstance(t, Tensor) and _plain_run() else None
     if found is None or found[0] or not is_channels_last(t):
         return t
-    return t.contiguous()
+    return to_nchw(t)
 
 
 class StayToken:
@@ -211,7 +226,7 @@ class LayoutMixin:
         if may_stay and may_stay_channels_last(self._stay):
             note.record(outputs, False)
             return outputs
-        returned = tuple(t.contiguous() for t in outputs)
+        returned = tuple(to_nchw(t) for t in outputs)
         if _plain_run():
             note.record(returned, False, twins=outputs)
         return returned
