@@ -67,7 +67,8 @@ def _dtype_unsupported_reason(dtype: torch.dtype) -> str | None:
 
 def packed_weight(weight, input_shape, stride, padding, dilation, groups) -> torch.Tensor:
     """`weight` in oneDNN's blocked layout for inputs of this size and this conv, reordered on first use."""
-    key = (tuple(input_shape[1:]), tuple(stride), tuple(padding), tuple(dilation), groups)
+    _, channels, height, width = input_shape
+    key = (channels, height, width, tuple(stride), tuple(padding), tuple(dilation), groups)
     if weight.is_inference():  # no version counter: oneDNN reads the plain weight (correct, a little slower)
         return weight.contiguous()
     return _packed.get(
