@@ -119,7 +119,8 @@ def conv2d_bias_act(out, call):
         if residual is not None:
             y = residual.add_(y) if out is residual else y.add_(residual)
     # Not oneDNN's ReLU post-op: it maps NaN to 0 where eager's relu keeps NaN, so a NaN or Inf in
-    # the input would silently vanish. ATen's ReLU runs in place on the just-written output instead.
+    # the input would silently vanish; so do the other post-ops that could stand for it, at AVX2 and
+    # AVX-512 alike (tools/onednn_relu_postop.py). ATen's ReLU runs in place on the just-written output.
     return y.relu_() if call.relu else y
 
 
