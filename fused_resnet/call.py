@@ -16,7 +16,7 @@ from torch import Tensor
 
 def metadata(t: Tensor | None) -> tuple | None:
     """What the checks and the backends' choices depend on in a tensor: never its values."""
-    return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.layout)
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.layout)
 
 
 def _pair(value) -> tuple:

@@ -247,13 +247,33 @@ def _select_checked(op: _Op, name: str, call, shape) -> ModuleType:
     )
 
 
+# The backend that serves each layer where no check runs (backend="auto" on the CPU, or a named backend
+# that serves the case), by the call's key and the registered backends: the answers that decide it depend
+# on nothing else, and asking them again costs a visible share of a small layer's time. A fallback to the
+# reference is never kept, so that it warns, or raises under STRICT, on every call as before.
+_unchecked_choice: dict[tuple, ModuleType] = {}
+MAX_UNCHECKED_CHOICES = 4096  # as ops.MAX_VALIDATED
+
+
+def _select_unchecked(op: _Op, name: str, call) -> ModuleType:
+    key = (op.what, name, backends.NAMES, call.key)
+    backend = _unchecked_choice.get(key)
+    if backend is None:
+        backend = _select(op, name, call)
+        if name == "auto" or backend.NAME == name:
+            if len(_unchecked_choice) >= MAX_UNCHECKED_CHOICES:
+                _unchecked_choice.clear()
+            _unchecked_choice[key] = backend
+    return backend
+
+
 def select(op: _Op, name: str, call, shape=None) -> ModuleType:
     """The backend for this call (`name` as the ops' `backend` argument takes it), noted in the
     serving record. With `shape` (the output's), a checked choice may run candidates."""
     name, verify = backends.parse(name)
     checked = verify or (name == "auto" and call.device.type in MEASURED_DEVICE_TYPES)
     if shape is None or not checked:
-        return note_serving(_select(op, name, call))
+        return note_serving(_select_unchecked(op, name, call))
     return note_serving(_select_checked(op, name, call, shape))
 
 

@@ -37,8 +37,8 @@ def _toy_backend(served: list) -> types.ModuleType:
     return toy
 
 
-@pytest.fixture
-def toy(monkeypatch):
+def _register_toy(monkeypatch) -> list:
+    """Registers the toy backend ahead of onednn for the test; returns the list of calls it serves."""
     served = []
     monkeypatch.setitem(sys.modules, "toy_backend", _toy_backend(served))
     monkeypatch.setattr(backends, "BACKENDS", list(backends.BACKENDS))
@@ -46,6 +46,11 @@ def toy(monkeypatch):
     monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))
     backends.register(backends.Backend("toy", "toy_backend", ("cpu",)), before="onednn")
     return served
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    return _register_toy(monkeypatch)
 
 
 def test_a_registered_backend_serves_named_and_auto(toy, generator, served_by):
@@ -61,6 +66,19 @@ def test_a_registered_backend_serves_named_and_auto(toy, generator, served_by):
     assert len(toy) == 2
     with pytest.raises(RuntimeError, match="float64 is not for toys"):  # strict mode in the suite
         fr.ops.conv2d_bias_act(x.double(), weight.double(), backend="toy")
+
+
+def test_a_backend_registered_after_a_call_serves_the_next_one(monkeypatch, generator, served_by):
+    """The choice kept per layer follows the registered backends: a layer called before a backend is
+    registered ahead of the one that served it is served by the new one from then on."""
+    x = torch.randn(2, 5, 7, 6, generator=generator)
+    weight = torch.randn(4, 5, 3, 3, generator=generator)
+    with served_by("onednn"):
+        fr.ops.conv2d_bias_act(x, weight, padding=1)
+    served = _register_toy(monkeypatch)
+    with served_by("toy"):
+        fr.ops.conv2d_bias_act(x, weight, padding=1)
+    assert len(served) == 1
 
 
 def test_a_registered_backend_is_refused_where_it_cannot_run(toy):

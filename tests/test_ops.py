@@ -160,6 +160,19 @@ def test_strict_mode_refuses_the_fallback(monkeypatch):
         ops.add_relu(x, x, backend="triton")
 
 
+def test_a_refused_case_is_refused_on_every_call(monkeypatch):
+    """The choice kept per layer is never a fallback: under STRICT each call of a case the named
+    backend does not serve raises, the second as the first."""
+    monkeypatch.setattr(dispatch, "STRICT", True)
+    triton = backends.get("triton")
+    monkeypatch.setattr(triton, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(triton, "conv_unsupported_reason", lambda *args: "a made-up limitation")
+    x, weight, bias, res, kw = _make(CONV_CASES[0])
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="a made-up limitation.*STRICT"):
+            ops.conv2d_bias_act(x, weight, bias, res, backend="triton", **kw)
+
+
 def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
     cuda = backends.get("cuda")
     monkeypatch.setattr(cuda, "unavailable_reason", lambda device: "the extension is not built")

@@ -13,6 +13,7 @@ change what a user, a hook or another module sees.
 from __future__ import annotations
 
 import copy
+import gc
 import threading
 
 import pytest
@@ -278,6 +279,26 @@ def test_uncounted_writes_are_seen_after_refresh(generator):
     assert torch.equal(fr.refresh(module)(x), reference(module, x))
     module.weight.detach().numpy()[:] *= -1
     assert torch.equal(fr.refresh(module)(x), reference(module, x))
+
+
+@torch.no_grad()
+def test_packed_copies_go_with_their_weight_and_never_serve_another(generator):
+    """The packed copies are found by the weight's id: they are dropped when the weight is freed, and
+    an entry left under an id that another weight now has is not served to it."""
+    x = torch.randn(2, 8, 6, 6, generator=generator)
+    module = fused_conv(generator)
+    module(x)
+    gone = id(module.weight)
+    assert gone in onednn._packed._entries
+    del module
+    gc.collect()
+    assert gone not in onednn._packed._entries
+    first, second = fused_conv(generator), fused_conv(generator)
+    first(x)
+    # As if `second` had taken the id of a freed `first` whose entry stayed.
+    onednn._packed._entries[id(second.weight)] = onednn._packed._entries[id(first.weight)]
+    assert torch.equal(second(x), reference(second, x))
+    assert torch.equal(first(x), reference(first, x))
 
 
 @torch.no_grad()

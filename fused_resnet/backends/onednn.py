@@ -67,7 +67,8 @@ def _dtype_unsupported_reason(dtype: torch.dtype) -> str | None:
 
 def packed_weight(weight, input_shape, stride, padding, dilation, groups) -> torch.Tensor:
     """`weight` in oneDNN's blocked layout for inputs of this size and this conv, reordered on first use."""
-    key = (tuple(input_shape[1:]), tuple(stride), tuple(padding), tuple(dilation), groups)
+    _, channels, height, width = input_shape
+    key = (channels, height, width, tuple(stride), tuple(padding), tuple(dilation), groups)
     if weight.is_inference():  # no version counter: oneDNN reads the plain weight (correct, a little slower)
         return weight.contiguous()
     return _packed.get(
@@ -118,7 +119,8 @@ def conv2d_bias_act(out, call):
         if residual is not None:
             y = residual.add_(y) if out is residual else y.add_(residual)
     # Not oneDNN's ReLU post-op: it maps NaN to 0 where eager's relu keeps NaN, so a NaN or Inf in
-    # the input would silently vanish. ATen's ReLU runs in place on the just-written output instead.
+    # the input would silently vanish; so do the other post-ops that could stand for it, at AVX2 and
+    # AVX-512 alike (tools/onednn_relu_postop.py). ATen's ReLU runs in place on the just-written output.
     return y.relu_() if call.relu else y
 
 
