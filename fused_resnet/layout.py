@@ -28,49 +28,19 @@ import threading
 import weakref
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.module import (
     _global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks, _global_forward_pre_hooks,
 )
+
+from .memory_format import is_channels_last, plain_run, to_channels_last, to_nchw
 
 PLAN_ATTRIBUTE = "_fused_layout_plan"  # on an ancestor module: {StayToken: Stay}
 _MAX_FRAMES = 64  # how far up the call stack the ancestor's forward is looked for
 
 
-def tracing() -> bool:
-    """torch.fx, torch.export or torch.compile is tracing: what the code does is recorded, not run once."""
-    return is_fx_symbolic_tracing() or torch.compiler.is_compiling()
-
-
-def _plain_run() -> bool:
-    """Tensors are what they look like: no trace records the layouts, no torch.func transform or forward-mode
-    AD wraps them (their identity and version are what the notes rely on)."""
-    return not (tracing() or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0)
-
-
-def is_channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 def in_layout(t: Tensor, channels_last: bool) -> Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else to_nchw(t)
-
-
-def to_nchw(t: Tensor) -> Tensor:
-    """`t` as a contiguous (NCHW) tensor. A channels_last CPU tensor is copied image by image as one
-    transposed matrix, which ATen copies in cache-sized blocks: several times faster than its copy of a
-    permuted 4-D tensor. (Where autograd records the copy, or a trace would fix the loop over the batch,
-    the plain `contiguous()`.)"""
-    if t.device.type != "cpu" or not is_channels_last(t) or (t.requires_grad and torch.is_grad_enabled()) or not _plain_run():
-        return t.contiguous()
-    n, c, h, w = t.shape
-    out = torch.empty((n, c, h, w), dtype=t.dtype)
-    rows = t.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of t's memory: (pixel, channel) per image
-    for i in range(n):
-        out[i].view(c, h * w).copy_(rows[i].t())
-    return out
+    return to_channels_last(t) if channels_last else to_nchw(t)
 
 
 class _Slot:
@@ -139,7 +109,7 @@ class LayoutNote:
 def reader_input(x: Tensor, note: LayoutNote | None) -> tuple[Tensor, bool | None]:
     """A fused reader's input as it computes on it (the channels_last twin where one is noted) and, where
     the producer noted it, whether eager's layout for it is channels_last (None: as `x`'s own)."""
-    found = note.lookup(x) if note is not None and isinstance(x, Tensor) and _plain_run() else None
+    found = note.lookup(x) if note is not None and isinstance(x, Tensor) and plain_run() else None
     if found is None:
         return x, None
     channels_last, twin = found
@@ -149,7 +119,7 @@ def reader_input(x: Tensor, note: LayoutNote | None) -> tuple[Tensor, bool | Non
 def in_eager_layout(t, note: LayoutNote | None):
     """`t` as eager's code would read it: a tensor a producer kept in channels_last where eager's is NCHW
     comes back NCHW (for an op of the model's own, which may give its output the layout of its input)."""
-    found = note.lookup(t) if note is not None and isinstance(t, Tensor) and _plain_run() else None
+    found = note.lookup(t) if note is not None and isinstance(t, Tensor) and plain_run() else None
     if found is None or found[0] or not is_channels_last(t):
         return t
     return to_nchw(t)
@@ -191,7 +161,7 @@ class Stay:
 def may_stay_channels_last(token: StayToken | None) -> bool:
     """Whether the producer holding `token` may return its channels_last result now (see the module
     docstring). Called from the producer's forward."""
-    if token is None or not _plain_run():
+    if token is None or not plain_run():
         return False
     frame = sys._getframe(2)
     for _ in range(_MAX_FRAMES):
@@ -227,6 +197,6 @@ class LayoutMixin:
             note.record(outputs, False)
             return outputs
         returned = tuple(to_nchw(t) for t in outputs)
-        if _plain_run():
+        if plain_run():
             note.record(returned, False, twins=outputs)
         return returned

@@ -18,7 +18,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import backends
 from . import ops
-from .layout import LayoutMixin, is_channels_last as _is_channels_last, reader_input, tracing as _tracing
+from .layout import LayoutMixin, reader_input
+from .memory_format import is_channels_last as _is_channels_last, tracing as _tracing
 from .ops import conv2d_bias_act, conv2d_preact
 from .fold import bn_scale_shift, fold_bn
 from .known_modules import block_twin_problem, foldable_shortcut

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models._utils import IntermediateLayerGetter
 
 from fused_resnet.layout_plan import plan_layouts, remove_plan
+from fused_resnet.memory_format import channels_last_copy, to_nchw
 from fused_resnet.parity import randomize_bn_
 from helpers import assert_same_function, fuse_quietly
 
@@ -225,14 +226,15 @@ def test_inference_mode_autograd_and_tracing_see_eagers_layout(generator):
 
 @pytest.mark.parametrize("shape", [(2, 256, 7, 5), (1, 3, 1, 1), (0, 8, 4, 4), (3, 1, 9, 2), (2, 5, 33, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_the_blocked_conversion_to_nchw_equals_contiguous(shape, dtype):
-    from fused_resnet.layout import to_nchw
-
+def test_the_conversions_by_matrices_equal_atens(shape, dtype):
     t = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
     out = to_nchw(t)
     assert out.is_contiguous() and out.dtype == dtype and torch.equal(out, t.contiguous())
+    back = channels_last_copy(out)
+    n, c, h, w = shape
+    assert back.stride() == (h * w * c, 1, w * c, c) and torch.equal(back, t)  # the exact strides oneDNN reads
     with torch.inference_mode():
-        assert torch.equal(to_nchw(t), t)
+        assert torch.equal(to_nchw(t), t) and torch.equal(channels_last_copy(out), t)
     leaf = t.clone().requires_grad_()
     converted = to_nchw(leaf)
     assert converted.requires_grad and converted.is_contiguous()  # autograd records it: ATen's own copy

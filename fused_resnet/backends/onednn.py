@@ -19,6 +19,7 @@ import functools
 import torch
 
 from .. import cpu_isa
+from ..memory_format import channels_last_copy
 from .reference import add_relu  # noqa: F401  (oneDNN has no standalone add + ReLU; ATen's vectorised kernels serve it)
 from .reference import preact
 from .weight_cache import DerivedWeights
@@ -95,7 +96,7 @@ def _is_channels_last(t: torch.Tensor) -> bool:
 
 
 def _as_channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t if _is_channels_last(t) else torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+    return t if _is_channels_last(t) else channels_last_copy(t)
 
 
 def conv2d_bias_act(out, call):
