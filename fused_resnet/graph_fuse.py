@@ -23,7 +23,6 @@ A match is applied in one of two ways, both computing the traced function exactl
 
 from __future__ import annotations
 
-import copy
 import inspect
 import operator
 from collections import Counter, defaultdict
@@ -123,6 +122,7 @@ class _Match:
     add: fx.Node | None
     preact: fx.Node | None = None  # the BatchNorm that reads the add's value, in a pre-activation chain
     pool: fx.Node | None = None  # the max pooling a stem's chain ends in
+    act: fx.Node | None = None  # the activation module (not ReLU) a chain ends in
 
     @property
     def last(self) -> fx.Node:
@@ -169,6 +169,8 @@ def _match(conv: fx.Node, pattern: Pattern, modules, modules_only: bool) -> _Mat
             return None
         if step.kind == "maxpool":
             match.pool = found
+        if step.kind == "act":
+            match.act = found
         if step.kind.startswith("bn"):
             if _features(modules[found.target]) != modules[conv.target].out_channels:
                 return None
@@ -180,9 +182,10 @@ def _match(conv: fx.Node, pattern: Pattern, modules, modules_only: bool) -> _Mat
 def _fused_conv(match: _Match, modules, backend: str, dtype) -> FusedConv2d:
     bn = modules[match.bn.target] if match.bn is not None else None
     relu = "relu" in match.pattern.steps or "bn_relu" in match.pattern.steps
+    act = modules[match.act.target] if match.act is not None else bn_activation(bn) if "bn_act" in match.pattern.steps else None
     found = patterns.Match(
         modules[match.conv.target], bn, modules[match.preact.target] if match.preact is not None else None, relu,
-        modules[match.pool.target] if match.pool is not None else None,
+        modules[match.pool.target] if match.pool is not None else None, act,
     )
     return match.pattern.build(found, backend, dtype)
 
@@ -290,8 +293,8 @@ def _rewrite(module: nn.Module, backend, dtype, prefix: str, groups, refusals: R
         output.args = (tail_node.args[0],)
         graph.erase_node(tail_node)
     for match in matches:
-        # A conv (BN) called from one place is replaced where it is, keeping its name in the state_dict.
-        conv_name, bn_name = match.conv.target, match.bn.target if match.bn is not None else None
+        # A conv called from one place is replaced where it is, keeping its name in the state_dict.
+        conv_name = match.conv.target
         name = conv_name if calls[conv_name] == 1 else _free_name(gm, conv_name)
         gm.add_submodule(name, _fused_conv(match, modules, backend, dtype))
         if match.pattern.outputs == 2:
@@ -310,10 +313,6 @@ def _rewrite(module: nn.Module, backend, dtype, prefix: str, groups, refusals: R
                 out = graph.call_module(name, (match.conv.args[0],))
             else:
                 out = graph.call_function(conv_add_residual, (graph.get_attr(name), match.conv.args[0], match.residual))
-            if "bn_act" in match.pattern.steps:
-                act_name = bn_name if calls[bn_name] == 1 else _free_name(gm, bn_name + "_act")
-                gm.add_submodule(act_name, copy.deepcopy(bn_activation(modules[bn_name])))
-                out = graph.call_module(act_name, (out,))
         match.last.replace_all_uses_with(out)
         for node in reversed(match.nodes):
             graph.erase_node(node)
@@ -345,8 +344,7 @@ def _substitute(root: nn.Module, backend, dtype, prefix: str, groups, refusals: 
             match = matches[0]
             root.set_submodule(chain[0], _fused_conv(match, modules, backend, dtype))
             for target in chain[1:]:
-                act = bn_activation(modules[target]) if "bn_act" in match.pattern.steps and target == match.bn.target else None
-                root.set_submodule(target, copy.deepcopy(act) if act is not None else nn.Identity())
+                root.set_submodule(target, nn.Identity())
             groups.extend(_group(m, prefix) for m in matches)
     _report_unfused(_trace(root), _modules(root, refusals), prefix, groups)
 

@@ -95,6 +95,18 @@ def is_relu(module: nn.Module) -> bool:
     return type(module) is nn.ReLU and "forward" not in module.__dict__ and hook_problem(module) is None
 
 
+# Activations that act on each element alone, so that they give the same values in either memory format.
+ELEMENTWISE_ACTIVATIONS = (
+    nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Sigmoid,
+    nn.Tanh, nn.Mish, nn.Hardtanh, nn.Softplus,
+)
+
+
+def is_elementwise_activation(module: nn.Module) -> bool:
+    """One of ELEMENTWISE_ACTIVATIONS itself (not a subclass), with its own forward and no hook."""
+    return type(module) in ELEMENTWISE_ACTIVATIONS and "forward" not in module.__dict__ and hook_problem(module) is None
+
+
 def is_max_pool(module: nn.Module) -> bool:
     """A plain nn.MaxPool2d (no indices returned, its own forward, no hook): it pools channels_last
     as it pools NCHW, to the same values."""

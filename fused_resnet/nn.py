@@ -238,6 +238,27 @@ class FusedConv2dMaxPool(FusedConv2d):
         return self.pool(y)
 
 
+class FusedConv2dAct(FusedConv2d):
+    """A fused conv followed by an activation other than ReLU (SiLU, ReLU6, Hardswish...; the module kept as
+    `act`), applied inside the module to the channels_last result: an elementwise activation gives the same
+    values in either layout, and the fused conv can then hand channels_last on (layout.py)."""
+
+    def __init__(self, *args, act: nn.Module | None = None, **kwargs):
+        super().__init__(*args, relu=False, **{k: v for k, v in kwargs.items() if k != "relu"})
+        self.act = copy.deepcopy(act) if act is not None else nn.Identity()
+
+    @classmethod
+    def from_conv_bn_act(cls, conv: nn.Conv2d, bn: nn.Module | None, act: nn.Module, *, backend: str = "auto", dtype=None,
+                         output_layout: str = "channels_last"):
+        """The conv with `bn` (if any) folded in, then `act` (copied). No module is modified."""
+        fused = cls.from_conv_bn(conv, bn, relu=False, backend=backend, dtype=dtype, output_layout=output_layout)
+        fused.act = copy.deepcopy(act)
+        return fused
+
+    def _finish(self, y: Tensor) -> Tensor:
+        return self.act(y)
+
+
 def fuse_downsample(downsample: nn.Module | None, backend: str, dtype=None) -> nn.Module | None:
     """A block's shortcut: torchvision's Sequential(conv 1x1, BN) becomes one FusedConv2d without ReLU.
 

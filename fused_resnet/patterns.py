@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .fold import BN_TYPES
-from .known_modules import bn_activation, bn_problem, conv_problem, is_max_pool, is_relu
-from .nn import FusedConv2d, FusedConv2dMaxPool, FusedConv2dPreact
+from .known_modules import bn_activation, bn_problem, conv_problem, is_elementwise_activation, is_max_pool, is_relu
+from .nn import FusedConv2d, FusedConv2dAct, FusedConv2dMaxPool, FusedConv2dPreact
 
 
 @dataclass(frozen=True)
 class Step:
     """One step of a chain after the conv.
 
-    kind: what the node must be (node_kind's words: "bn", "bn_relu", "bn_act", "add", "relu", "maxpool").
+    kind: what the node must be (node_kind's words: "bn", "bn_relu", "bn_act", "add", "relu", "maxpool", "act").
     side_read: the step reads the previous value, which may have other readers (a pre-activation's
         BatchNorm reads the residual stream, which the next shortcut reads too); otherwise the step must
         be the previous value's only reader, so that no value anyone else reads is fused away.
@@ -48,6 +48,7 @@ STEPS = {
     "add": Step("add", binary=True),  # the residual add, in the conv's epilogue
     "relu": Step("relu"),
     "maxpool": Step("maxpool"),  # a stem's max pooling, applied to the fused conv's channels_last output
+    "act": Step("act"),  # an elementwise activation module other than ReLU, applied inside the fused conv
     "preact_bn": Step("bn", side_read=True),  # the next block's BatchNorm of the add's value: a second output
     "preact_bn_relu": Step("bn_relu", side_read=True),
 }
@@ -62,6 +63,7 @@ class Match:
     preact_bn: nn.Module | None  # the BatchNorm of the second output
     relu: bool  # the chain ends in a ReLU (its own, or a BatchNormAct2d's)
     pool: nn.Module | None = None  # the nn.MaxPool2d the chain ends in
+    act: nn.Module | None = None  # the activation (not ReLU) the chain ends in: a module, or a BatchNormAct2d's
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ def fused_conv_max_pool(match: Match, backend: str, dtype) -> FusedConv2dMaxPool
     )
 
 
+def fused_conv_act(match: Match, backend: str, dtype) -> FusedConv2dAct:
+    return FusedConv2dAct.from_conv_bn_act(match.conv, match.bn, match.act, backend=backend, dtype=dtype, output_layout="as_eager")
+
+
 def fused_preact_conv(match: Match, backend: str, dtype) -> FusedConv2dPreact:
     return FusedConv2dPreact.from_conv_bn(
         match.conv, match.bn, preact_bn=match.preact_bn, backend=backend, dtype=dtype, output_layout="as_eager"
@@ -110,7 +116,8 @@ PATTERNS = (
     Pattern(("bn_relu", "maxpool"), fused_conv_max_pool),
     Pattern(("bn", "relu"), fused_conv),
     Pattern(("bn_relu",), fused_conv),
-    Pattern(("bn_act",), fused_conv),
+    Pattern(("bn_act",), fused_conv_act),
+    Pattern(("bn", "act"), fused_conv_act),
     Pattern(("bn", "add"), fused_conv),
     Pattern(("bn",), fused_conv),
     Pattern(("add", "relu"), fused_conv),
@@ -140,6 +147,8 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module], modules_only: bool) 
             return "relu"
         if is_max_pool(module):
             return "maxpool"
+        if is_elementwise_activation(module):
+            return "act"
         return "identity" if type(module) is nn.Identity else None
     if modules_only:
         return None
