@@ -119,10 +119,10 @@ def reader_input(x: Tensor, note: LayoutNote | None) -> tuple[Tensor, bool | Non
 def in_eager_layout(t, note: LayoutNote | None):
     """`t` as eager's code would read it: a tensor a producer kept in channels_last where eager's is NCHW
     comes back NCHW (for an op of the model's own, which may give its output the layout of its input)."""
-    found = note.lookup(t) if note is not None and isinstance(t, Tensor) and plain_run() else None
-    if found is None or found[0] or not is_channels_last(t):
+    if not isinstance(t, Tensor):
         return t
-    return to_nchw(t)
+    _, channels_last = reader_input(t, note)
+    return to_nchw(t) if channels_last is False and is_channels_last(t) else t
 
 
 class StayToken:
