@@ -1,4 +1,5 @@
-"""Builds fused_resnet, and its CUDA C++ extension fused_resnet._C when a CUDA toolkit is found.
+"""Builds fused_resnet, its CPU C++ extension fused_resnet._cpu (csrc/cpu/: the NCHW <-> channels_last
+copies), and its CUDA C++ extension fused_resnet._C when a CUDA toolkit is found.
 
     pip install --no-build-isolation -e .
 
@@ -8,8 +9,9 @@ instructions (wgmma) and TMA need arch-specific sm_90a machine code: a "9.0" in 
 Without nvcc the pure-Python package is installed, and backend="cuda" explains that the extension
 was not built. Without a GPU (torch.cuda.is_available() is False) it is not built either, since
 nothing here could run it, unless FUSED_RESNET_BUILD_CUDA=1 (CI sets it: the build and its machine
-code are tested without a GPU). Either way one line starting "CUDA extension: " says what is built, or why nothing is
-(fused_resnet/_build/setup_stamp.py, which `make` runs, shows it).
+code are tested without a GPU). Either way one line starting "CUDA extension: " says what is built, or why nothing is,
+and one starting "CPU extension: " the same of the CPU one (fused_resnet/_build/setup_stamp.py, which `make` runs,
+shows them). FUSED_RESNET_SKIP_CPU_BUILD=1 leaves the CPU extension out: the package then copies with ATen's ops.
 """
 
 import glob
@@ -74,7 +76,7 @@ if (
 
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:  # torch must be installed first; the build needs its headers
     torch = None
     CUDA_HOME = None
@@ -90,7 +92,7 @@ elif os.environ.get("FUSED_RESNET_BUILD_CUDA") != "1" and not torch.cuda.is_avai
 else:
     not_built = None
 
-if not_built is None:
+if torch is not None:
 
     class _BuildInTree(BuildExtension):
         """Compiles into build/ext in the source tree instead of pip's temporary directory: ninja keeps
@@ -100,6 +102,27 @@ if not_built is None:
             super().finalize_options()
             self.build_temp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "ext")
 
+    cmdclass["build_ext"] = _BuildInTree.with_options(use_ninja=True)
+
+if torch is None:
+    print("CPU extension: not built: torch is not installed (the build needs its headers)")
+elif os.environ.get("FUSED_RESNET_SKIP_CPU_BUILD") == "1":
+    print("CPU extension: not built: FUSED_RESNET_SKIP_CPU_BUILD=1")
+else:
+    ext_modules.append(
+        CppExtension(
+            name="fused_resnet._cpu",
+            sources=sorted(glob.glob("csrc/cpu/*.cpp")),
+            # OpenMP for ATen's parallel_for (the library torch loaded serves it); no -march: the kernels ask
+            # the CPU at run time, so that one build runs on any x86-64 CPU.
+            extra_compile_args=["-O3", "-std=c++20", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+            py_limited_api=False,
+        )
+    )
+    print("CPU extension: built (NCHW <-> channels_last copies)")
+
+if not_built is None:
     arch_list = _arch_list_with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a"))
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cuda/*.cu"))
@@ -130,7 +153,6 @@ if not_built is None:
             py_limited_api=False,
         )
     )
-    cmdclass["build_ext"] = _BuildInTree.with_options(use_ninja=True)
     print(f"CUDA extension: built for {_sm_names(arch_list)}, {built}")
 else:
     print(f"CUDA extension: not built: {not_built}")

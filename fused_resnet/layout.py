@@ -23,6 +23,7 @@ lives as long as the returned tensor does.
 
 from __future__ import annotations
 
+import operator
 import sys
 import threading
 import weakref
@@ -78,14 +79,17 @@ class LayoutNote:
 
     def record(self, returned: tuple[Tensor, ...], channels_last: bool, twins: tuple | None = None) -> None:
         slot = self._slot()
-        drop = weakref.ref(slot, None)
+        if twins is None:
+            slot.returned = tuple(map(weakref.ref, returned))
+        else:
+            drop = weakref.ref(slot)
 
-        def forget_twins(_ref, drop=drop):  # the returned tensor died: its twin is of no use any more
-            held = drop()
-            if held is not None:
-                held.twins = ()
+            def forget_twins(_ref, drop=drop):  # the returned tensor died: its twin is of no use any more
+                held = drop()
+                if held is not None:
+                    held.twins = ()
 
-        slot.returned = tuple(weakref.ref(t, forget_twins) for t in returned)
+            slot.returned = tuple(weakref.ref(t, forget_twins) for t in returned)
         # Inference tensors count no versions: nothing shows an in-place write to them, so no twin stands in.
         slot.version = tuple(None if t.is_inference() else t._version for t in returned)
         slot.twins = twins if twins is not None and None not in slot.version else ()
@@ -134,7 +138,7 @@ def _unchanged(module: nn.Module, children: tuple, forward) -> bool:
     current = module._modules
     if len(current) != len(children) or module.__dict__.get("forward") is not forward:
         return False
-    return all(a is b for a, b in zip(current.values(), children))
+    return all(map(operator.is_, current.values(), children))
 
 
 @dataclass
@@ -163,7 +167,7 @@ def may_stay_channels_last(token: StayToken | None) -> bool:
     docstring). Called from the producer's forward."""
     if token is None or not plain_run():
         return False
-    frame = sys._getframe(2)
+    frame = sys._getframe(3)  # the producer's caller: above this function, _eager_output and the producer's forward
     for _ in range(_MAX_FRAMES):
         if frame is None:
             return False

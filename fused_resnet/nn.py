@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from . import backends
 from . import ops
 from .layout import LayoutMixin, reader_input
-from .memory_format import is_channels_last as _is_channels_last, tracing as _tracing
+from .memory_format import is_channels_last as _is_channels_last, to_channels_last, to_nchw, tracing as _tracing
 from .ops import conv2d_bias_act, conv2d_preact
 from .fold import bn_scale_shift, fold_bn
 from .known_modules import block_twin_problem, foldable_shortcut
@@ -408,7 +408,7 @@ class FusedResNet(nn.Module):
                 f"FusedResNet takes a 4-D batch of images (N, {self.conv1.in_channels}, H, W), got {got}; "
                 "a single image needs a batch dimension: x.unsqueeze(0)"
             )
-        x = x.to(dtype=self.conv1.weight.dtype, memory_format=torch.channels_last)
+        x = to_channels_last(x.to(self.conv1.weight.dtype))
         x = self.maxpool(self.conv1(x))
         # Whether only this loop holds x: then the next fused block may write its result over it. Decided
         # at each step from the hooks registered now (a hook registered while this runs is seen at the
@@ -426,7 +426,7 @@ class FusedResNet(nn.Module):
                     x, owned = block(x), False
         # Pooled from NCHW, the features flatten as a plain reshape: from channels_last, an exported
         # graph (ONNX) gathers them element by element, through index arithmetic.
-        return self.fc(torch.flatten(self.avgpool(x.contiguous()), 1))
+        return self.fc(torch.flatten(self.avgpool(to_nchw(x)), 1))
 
 
 def refresh(model: nn.Module) -> nn.Module:

@@ -4,7 +4,8 @@ A silently missing extension would turn every CUDA C++ test into a skip, and a m
 Triton test. Where a CUDA toolkit is present and either a GPU or FUSED_RESNET_BUILD_CUDA=1 (CI sets
 it) the extension must have been compiled (without a GPU the set-up skips it otherwise), and where torch
 comes with Triton (Linux) the Triton backend must be available; FUSED_RESNET_REQUIRE_EXTENSION=0 and
-FUSED_RESNET_REQUIRE_TRITON=0 say that a missing one is intended.
+FUSED_RESNET_REQUIRE_TRITON=0 say that a missing one is intended. The CPU extension is built everywhere
+unless FUSED_RESNET_SKIP_CPU_BUILD=1.
 """
 
 import os
@@ -14,6 +15,7 @@ import shutil
 import pytest
 import torch
 
+from fused_resnet import memory_format
 from fused_resnet.backends import cuda
 from fused_resnet.backends import triton as triton_backend
 
@@ -50,3 +52,8 @@ def test_triton_backend_is_available():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reason = triton_backend.unavailable_reason(device)
     assert reason is None, f"the Triton tests would all be skipped: {reason}"
+
+
+@pytest.mark.skipif(os.environ.get("FUSED_RESNET_SKIP_CPU_BUILD") == "1", reason="FUSED_RESNET_SKIP_CPU_BUILD=1: not built")
+def test_cpu_extension_was_built():
+    assert memory_format.native_copies() is not None, "fused_resnet._cpu did not load: make setup builds it"

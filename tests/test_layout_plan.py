@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models._utils import IntermediateLayerGetter
 
+from fused_resnet import memory_format
 from fused_resnet.layout_plan import plan_layouts, remove_plan
 from fused_resnet.memory_format import channels_last_copy, to_nchw
 from fused_resnet.parity import randomize_bn_
@@ -50,10 +51,11 @@ class _CountCopies(TorchDispatchMode):
 
 @torch.no_grad()
 def copies(model, x) -> int:
-    """How many elements one call copies (clones and copies: the layout conversions)."""
+    """How many elements one call copies (clones and copies: the layout conversions, by ATen or the CPU extension)."""
     with _CountCopies() as counter:
         model(x)
-    return counter.elements["clone"] + counter.elements["copy_"]
+    kinds = ("clone", "copy_", "channels_last_to_contiguous", "contiguous_to_channels_last")
+    return sum(counter.elements[kind] for kind in kinds)
 
 
 class LayoutTap(nn.Module):
@@ -224,10 +226,24 @@ def test_inference_mode_autograd_and_tracing_see_eagers_layout(generator):
             assert value.is_contiguous(), name
 
 
-@pytest.mark.parametrize("shape", [(2, 256, 7, 5), (1, 3, 1, 1), (0, 8, 4, 4), (3, 1, 9, 2), (2, 5, 33, 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_the_conversions_by_matrices_equal_atens(shape, dtype):
-    t = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+CONVERSION_SHAPES = [(2, 256, 7, 5), (1, 3, 1, 1), (0, 8, 4, 4), (3, 1, 9, 2), (2, 5, 33, 1), (2, 67, 13, 11), (1, 3, 224, 224)]
+
+
+@pytest.fixture(params=["extension", "aten"])
+def copies_by(request, monkeypatch):
+    """The conversions by the CPU extension's ops, and by ATen's copies (where the extension is missing)."""
+    if request.param == "extension":
+        if memory_format.native_copies() is None:
+            pytest.skip("the CPU extension is not built (FUSED_RESNET_SKIP_CPU_BUILD=1): tests/test_build.py says so")
+    else:
+        monkeypatch.setattr(memory_format, "native_copies", lambda: None)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", CONVERSION_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.uint8])
+def test_the_conversions_equal_atens(shape, dtype, copies_by):
+    t = (torch.randn(shape) * 50).to(dtype).contiguous(memory_format=torch.channels_last)
     out = to_nchw(t)
     assert out.is_contiguous() and out.dtype == dtype and torch.equal(out, t.contiguous())
     back = channels_last_copy(out)
@@ -235,6 +251,43 @@ def test_the_conversions_by_matrices_equal_atens(shape, dtype):
     assert back.stride() == (h * w * c, 1, w * c, c) and torch.equal(back, t)  # the exact strides oneDNN reads
     with torch.inference_mode():
         assert torch.equal(to_nchw(t), t) and torch.equal(channels_last_copy(out), t)
-    leaf = t.clone().requires_grad_()
-    converted = to_nchw(leaf)
-    assert converted.requires_grad and converted.is_contiguous()  # autograd records it: ATen's own copy
+    leaf = t.clone().requires_grad_() if dtype.is_floating_point else None
+    if leaf is not None:
+        converted = to_nchw(leaf)
+        assert converted.requires_grad and converted.is_contiguous()  # autograd records it: ATen's own copy
+
+
+def test_the_conversions_keep_every_bit(copies_by):
+    """NaN payloads, signed zeros, infinities and denormals come through as the same bits."""
+    bits = torch.randint(-(2**31), 2**31 - 1, (2, 24, 9, 7), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    bits[0, :4, 0, 0] = torch.tensor([0x7FC00001, 0x7F800001, -0x80000000, 0x00000001], dtype=torch.int32)  # NaNs, -0.0, denormal
+    t = bits.view(torch.float32).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(to_nchw(t).view(torch.int32), bits)
+    assert torch.equal(channels_last_copy(bits.view(torch.float32)).view(torch.int32), t.view(torch.int32))
+
+
+def test_the_conversions_of_views_and_odd_strides(copies_by):
+    """A view at an offset, size-1 dimensions with either layout's strides, and non-dense tensors."""
+    base = torch.randn(3, 16, 10, 12)
+    view = base.contiguous(memory_format=torch.channels_last)[1:]  # channels_last at a storage offset
+    assert torch.equal(to_nchw(view), base[1:])
+    assert torch.equal(channels_last_copy(base[1:]), base[1:])
+    one = torch.randn(4, 5, 1, 1)  # both layouts at once: no copy is needed, but a dense one must come back
+    assert torch.equal(channels_last_copy(one), one) and channels_last_copy(one).stride() == (5, 1, 5, 5)
+    sliced = base[:, ::2]  # neither layout: ATen's copies
+    assert torch.equal(to_nchw(sliced), sliced) and to_nchw(sliced).is_contiguous()
+    assert torch.equal(channels_last_copy(sliced), sliced)
+
+
+def test_the_extension_ops_refuse_what_they_cannot_copy():
+    ops = memory_format.native_copies()
+    if ops is None:
+        pytest.skip("the CPU extension is not built (FUSED_RESNET_SKIP_CPU_BUILD=1): tests/test_build.py says so")
+    with pytest.raises(RuntimeError, match="expected a dense channels_last tensor"):
+        ops.channels_last_to_contiguous(torch.randn(2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="expected a dense contiguous"):
+        ops.contiguous_to_channels_last(torch.randn(2, 6, 4, 5)[:, ::2])
+    with pytest.raises(RuntimeError, match="expected a 4-D tensor"):
+        ops.contiguous_to_channels_last(torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match="16 bytes are not supported"):
+        ops.contiguous_to_channels_last(torch.randn(2, 3, 4, 5, dtype=torch.complex128))

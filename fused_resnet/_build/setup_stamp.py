@@ -2,14 +2,15 @@
 
     python fused_resnet/_build/setup_stamp.py
 
-Installing fused_resnet compiles its CUDA extension (minutes). After each successful install,
+Installing fused_resnet compiles its CPU extension (seconds) and its CUDA extension (minutes). After each
+successful install,
 build/setup-stamp.json records what the build depended on: the files under csrc/, setup.py and
 pyproject.toml, the torch and CUTLASS versions, TORCH_CUDA_ARCH_LIST, FUSED_RESNET_BUILD_CUDA, the
 nvcc found, whether torch sees a GPU (without one the extension is skipped), and this Python.
 When none of that has changed, the package is installed from this tree in this Python environment
-and the compiled extension is still there, nothing is done; otherwise pip installs
+and the compiled extensions are still there, nothing is done; otherwise pip installs
 quietly (its output goes to build/setup.log), and ninja recompiles only the sources whose
-objects are out of date (setup.py keeps them in build/ext). Either way one line says what the
+objects are out of date (setup.py keeps them in build/ext). Either way one line says what each
 extension was built for, or why it was not.
 """
 
@@ -24,16 +25,19 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the source tree: fused_resnet/_build/ is two levels down
 STAMP = Path("build", "setup-stamp.json")
 LOG = Path("build", "setup.log")
-# setup.py prints one line starting with this, saying what it builds (or why it builds nothing).
-SUMMARY_PREFIX = "CUDA extension: "
+# setup.py prints one line starting with each of these, saying what it builds (or why it builds nothing).
+SUMMARY_PREFIXES = ("CUDA extension: ", "CPU extension: ")
 _BUILD_FILES = ("setup.py", "pyproject.toml")
-_ENVIRONMENT_VARIABLES = ("TORCH_CUDA_ARCH_LIST", "FUSED_RESNET_SKIP_CUDA_BUILD", "FUSED_RESNET_BUILD_CUDA", "CUDA_HOME", "CUDA_PATH")
+_ENVIRONMENT_VARIABLES = (
+    "TORCH_CUDA_ARCH_LIST", "FUSED_RESNET_SKIP_CUDA_BUILD", "FUSED_RESNET_BUILD_CUDA", "FUSED_RESNET_SKIP_CPU_BUILD", "CUDA_HOME",
+    "CUDA_PATH",
+)
 
 
 def _sha256(path: Path) -> str:
@@ -92,11 +96,11 @@ def _setting_change(name: str, old: str | None, new: str | None) -> str:
     return f"{name} {old} -> {new}"
 
 
-def reason_to_rebuild(stamp: dict | None, inputs: dict, extension_present: bool, installed_here: bool) -> str | None:
-    """Why the package must be installed (and its extension built) again, or None when it need not be.
+def reason_to_rebuild(stamp: dict | None, inputs: dict, present: Collection[str], installed_here: bool) -> str | None:
+    """Why the package must be installed (and its extensions built) again, or None when it need not be.
 
     `stamp` is what the last successful install recorded (None if there was none); `inputs` what the
-    build depends on now (build_inputs).
+    build depends on now (build_inputs); `present` the compiled extensions in the tree now.
     """
     if stamp is None:
         return "no earlier build in this tree"
@@ -104,8 +108,11 @@ def reason_to_rebuild(stamp: dict | None, inputs: dict, extension_present: bool,
     changes += _changes(stamp["inputs"]["environment"], inputs["environment"], _setting_change)
     if changes:
         return "; ".join(changes)
-    if stamp["extension"] is not None and not extension_present:
-        return f"{stamp['extension']} is missing"
+    if "extensions" not in stamp:
+        return "the stamp does not list the extensions built"
+    missing = [name for name in stamp["extensions"] if name not in present]
+    if missing:
+        return f"{missing[0]} is missing"
     if not installed_here:
         return "fused_resnet is not installed from this tree in this Python environment"
     return None
@@ -121,7 +128,8 @@ def _installed_from(root: Path) -> bool:
 
 
 def _extensions(root: Path) -> list[Path]:
-    return sorted((root / "fused_resnet").glob("_C*" + sysconfig.get_config_var("EXT_SUFFIX")))
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    return sorted(p for name in ("_C", "_cpu") for p in (root / "fused_resnet").glob(name + suffix))
 
 
 def pip_install(root: Path, log: Path) -> int:
@@ -132,9 +140,17 @@ def pip_install(root: Path, log: Path) -> int:
         return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=root).returncode
 
 
+def _relative(root: Path, paths: list[Path]) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in paths]
+
+
 def _summary(log: Path) -> str:
-    lines = [line[line.index(SUMMARY_PREFIX) :].strip() for line in log.read_text().splitlines() if SUMMARY_PREFIX in line]
-    return lines[-1] if lines else f"{SUMMARY_PREFIX}setup.py did not say (see {log})"
+    """setup.py's last line about each extension, one after the other."""
+    said = []
+    for prefix in SUMMARY_PREFIXES:
+        lines = [line[line.index(prefix) :].strip() for line in log.read_text().splitlines() if prefix in line]
+        said.append(lines[-1] if lines else f"{prefix}setup.py did not say (see {log})")
+    return "; ".join(said)
 
 
 def ensure_installed(root: Path = ROOT, install: Callable[[Path, Path], int] = pip_install) -> int:
@@ -143,7 +159,7 @@ def ensure_installed(root: Path = ROOT, install: Callable[[Path, Path], int] = p
     inputs = build_inputs(root)
     stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
     extensions = _extensions(root)
-    reason = reason_to_rebuild(stamp, inputs, bool(extensions), _installed_from(root))
+    reason = reason_to_rebuild(stamp, inputs, _relative(root, extensions), _installed_from(root))
     if reason is None:
         print(f"{stamp['summary']} (reused: nothing it is built from changed)")
         return 0
@@ -163,7 +179,7 @@ def ensure_installed(root: Path = ROOT, install: Callable[[Path, Path], int] = p
     stamp = {
         "inputs": inputs,
         "summary": _summary(log),
-        "extension": extensions[0].relative_to(root).as_posix() if extensions else None,
+        "extensions": _relative(root, extensions),
     }
     stamp_path.write_text(json.dumps(stamp, indent=1) + "\n")
     print(f"{stamp['summary']} ({time.monotonic() - start:.0f} s)")

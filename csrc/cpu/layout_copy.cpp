@@ -1,0 +1,202 @@
+// The fused_resnet_cpu operator library: copies between NCHW and channels_last on the CPU.
+//
+// An image in NCHW is a (C, H*W) matrix and in channels_last its transpose, so each conversion is one
+// transposed copy per image. ATen copies a transposed matrix in blocks on one thread, element by
+// element; here 8x8 tiles of 4-byte elements are transposed in AVX2 registers where the CPU has AVX2
+// (asked at run time, so that one build runs on any x86-64 CPU), and the tiles are spread over ATen's
+// threads. Elements are moved as bits, never computed on: every value, NaN payloads included, is kept.
+// fused_resnet/memory_format.py calls these ops and falls back to ATen's copies without them.
+
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FUSED_RESNET_X86 1
+#endif
+
+// `import fused_resnet._cpu` loads this library, which runs the registrations below. The module itself
+// has no functions: everything is reached through torch.ops.fused_resnet_cpu.
+extern "C" PyObject* PyInit__cpu(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_cpu", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace fused_resnet {
+namespace {
+
+constexpr int64_t kTile = 8;
+// Rows of a source matrix per parallel task, and the fewest elements worth a thread of their own (ATen's
+// grain size for elementwise loops).
+constexpr int64_t kRowsPerTask = 64;
+constexpr int64_t kElementsPerThread = 32768;
+
+// dst (cols x rows) = the transpose of src (rows x cols), for the rows [row_begin, row_end) of src.
+template <typename T>
+void transpose_rows_scalar(const T* src, T* dst, int64_t rows, int64_t cols, int64_t row_begin, int64_t row_end) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+    const int64_t c1 = std::min(c0 + kTile, cols);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      for (int64_t c = c0; c < c1; ++c) {
+        dst[c * rows + r] = src[r * cols + c];
+      }
+    }
+  }
+}
+
+#ifdef FUSED_RESNET_X86
+// One 8x8 tile of 4-byte elements: rows of src 8 apart by `src_stride` elements, rows of dst likewise.
+__attribute__((target("avx2"))) inline void transpose_tile_8x8(const float* src, int64_t src_stride, float* dst,
+                                                                int64_t dst_stride) {
+  __m256 r0 = _mm256_loadu_ps(src + 0 * src_stride), r1 = _mm256_loadu_ps(src + 1 * src_stride);
+  __m256 r2 = _mm256_loadu_ps(src + 2 * src_stride), r3 = _mm256_loadu_ps(src + 3 * src_stride);
+  __m256 r4 = _mm256_loadu_ps(src + 4 * src_stride), r5 = _mm256_loadu_ps(src + 5 * src_stride);
+  __m256 r6 = _mm256_loadu_ps(src + 6 * src_stride), r7 = _mm256_loadu_ps(src + 7 * src_stride);
+  // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves: the standard 8x8 transpose.
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+__attribute__((target("avx2"))) void transpose_rows_avx2(const float* src, float* dst, int64_t rows, int64_t cols,
+                                                         int64_t row_begin, int64_t row_end) {
+  const int64_t full_rows = row_begin + (row_end - row_begin) / kTile * kTile;
+  const int64_t full_cols = cols / kTile * kTile;
+  for (int64_t c = 0; c < full_cols; c += kTile) {
+    for (int64_t r = row_begin; r < full_rows; r += kTile) {
+      transpose_tile_8x8(src + r * cols + c, cols, dst + c * rows + r, rows);
+    }
+  }
+  // The edges: the last columns of every row, and the last rows' first columns.
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    for (int64_t c = full_cols; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  }
+  for (int64_t r = full_rows; r < row_end; ++r) {
+    for (int64_t c = 0; c < full_cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  }
+}
+
+bool has_avx2() {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2;
+}
+#endif
+
+// dst[image] = the transpose of src[image], each a (rows x cols) matrix, on ATen's threads.
+template <typename T>
+void transpose_images(const T* src, T* dst, int64_t images, int64_t rows, int64_t cols) {
+  const int64_t tasks_per_image = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t image_size = rows * cols;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerThread / std::max<int64_t>(1, kRowsPerTask * cols));
+  at::parallel_for(0, images * tasks_per_image, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image = task / tasks_per_image;
+      const int64_t row_begin = task % tasks_per_image * kRowsPerTask;
+      const int64_t row_end = std::min(row_begin + kRowsPerTask, rows);
+      const T* image_src = src + image * image_size;
+      T* image_dst = dst + image * image_size;
+#ifdef FUSED_RESNET_X86
+      if constexpr (sizeof(T) == 4) {
+        if (has_avx2() && rows >= kTile && cols >= kTile) {
+          transpose_rows_avx2(reinterpret_cast<const float*>(image_src), reinterpret_cast<float*>(image_dst), rows, cols,
+                              row_begin, row_end);
+          continue;
+        }
+      }
+#endif
+      transpose_rows_scalar(image_src, image_dst, rows, cols, row_begin, row_end);
+    }
+  });
+}
+
+// Elements as unsigned integers of their size: copied as bits.
+void transpose_images_of_size(const void* src, void* dst, int64_t element_size, int64_t images, int64_t rows,
+                              int64_t cols) {
+  switch (element_size) {
+    case 1:
+      return transpose_images(static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), images, rows, cols);
+    case 2:
+      return transpose_images(static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst), images, rows, cols);
+    case 4:
+      return transpose_images(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), images, rows, cols);
+    case 8:
+      return transpose_images(static_cast<const uint64_t*>(src), static_cast<uint64_t*>(dst), images, rows, cols);
+    default:
+      TORCH_CHECK(false, "fused_resnet_cpu: elements of ", element_size, " bytes are not supported (1, 2, 4 or 8)");
+  }
+}
+
+// Whether x's elements lie densely in `format`'s order. A dimension of size 1 is never stepped along,
+// so its stride does not matter (PyTorch gives such dimensions either layout's stride).
+bool dense_in(const at::Tensor& x, c10::MemoryFormat format) {
+  const int64_t c = x.size(1), h = x.size(2), w = x.size(3);
+  const bool channels_last = format == c10::MemoryFormat::ChannelsLast;
+  const int64_t expected[4] = {c * h * w, channels_last ? 1 : h * w, channels_last ? w * c : w, channels_last ? c : 1};
+  for (int64_t d = 0; d < 4; ++d) {
+    if (x.size(d) != 1 && x.stride(d) != expected[d]) return false;
+  }
+  return true;
+}
+
+// x (N, C, H, W), dense in layout `from`, copied into a new tensor dense in the other layout.
+at::Tensor copy_into_other_layout(const at::Tensor& x, c10::MemoryFormat from, const char* op) {
+  const bool from_channels_last = from == c10::MemoryFormat::ChannelsLast;
+  const char* layout = from_channels_last ? "channels_last" : "contiguous (NCHW)";
+  TORCH_CHECK(x.device().is_cpu(), "fused_resnet_cpu::", op, ": expected a CPU tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() == 4, "fused_resnet_cpu::", op, ": expected a 4-D tensor, got ", x.dim(), " dimensions");
+  TORCH_CHECK(x.layout() == c10::kStrided && !x.is_conj() && !x.is_neg(), "fused_resnet_cpu::", op,
+              ": expected a plain strided tensor");
+  TORCH_CHECK(x.numel() == 0 || dense_in(x, from), "fused_resnet_cpu::", op, ": expected a dense ", layout,
+              " tensor, got strides ", x.strides(), " for sizes ", x.sizes());
+  const auto to = from_channels_last ? c10::MemoryFormat::Contiguous : c10::MemoryFormat::ChannelsLast;
+  at::Tensor out = at::empty(x.sizes(), x.options(), to);
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  // Per image: channels_last is a (H*W, C) matrix, NCHW a (C, H*W) one.
+  const int64_t rows = from_channels_last ? hw : c, cols = from_channels_last ? c : hw;
+  if (out.numel() != 0) transpose_images_of_size(x.const_data_ptr(), out.data_ptr(), x.element_size(), n, rows, cols);
+  return out;
+}
+
+at::Tensor channels_last_to_contiguous(const at::Tensor& x) {
+  return copy_into_other_layout(x, c10::MemoryFormat::ChannelsLast, "channels_last_to_contiguous");
+}
+
+at::Tensor contiguous_to_channels_last(const at::Tensor& x) {
+  return copy_into_other_layout(x, c10::MemoryFormat::Contiguous, "contiguous_to_channels_last");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_resnet_cpu, m) {
+  m.def("channels_last_to_contiguous(Tensor x) -> Tensor");
+  m.def("contiguous_to_channels_last(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fused_resnet_cpu, CPU, m) {
+  m.impl("channels_last_to_contiguous", &channels_last_to_contiguous);
+  m.impl("contiguous_to_channels_last", &contiguous_to_channels_last);
+}
+
+}  // namespace fused_resnet
