@@ -8,7 +8,7 @@ channels_last tensors where only fused modules read them, and convert what the m
 NCHW; fused_resnet/layout.py), the same model without that plan (every fused block converts its output
 to NCHW and the next one back), the same model with every fused module left in channels_last (what it
 would cost without any conversion; its outputs then differ from eager's in layout), and eager. Prints
-medians with p20-p80 and the cost of the conversions in percent.
+medians with p20-p80 and the cost of the conversions in percent, from the medians and round by round.
 """
 
 from __future__ import annotations
@@ -62,9 +62,17 @@ def main() -> None:
     for name, times in samples.items():
         q = statistics.quantiles(times, n=5)
         print(f"  {name:36s} {medians[name]:8.1f} ms  (p20-p80 {q[0]:.1f}-{q[3]:.1f})")
+    # Also per round: each round's ratio to the same round's channels_last-throughout sample, which a
+    # machine's slow and fast spells (they last longer than a round) affect alike.
+    baseline = samples["fused, channels_last throughout"]
     for name in ("fused, eager's layouts (fr.fuse)", "fused, converting at every boundary"):
         cost = medians[name] / medians["fused, channels_last throughout"] - 1
-        print(f"cost of returning eager's layouts, {name.removeprefix('fused, ')}: {cost:+.1%}")
+        ratios = [t / b for t, b in zip(samples[name], baseline)]
+        q = statistics.quantiles(ratios, n=5)
+        print(
+            f"cost of returning eager's layouts, {name.removeprefix('fused, ')}: {cost:+.1%} by medians, "
+            f"{statistics.median(ratios) - 1:+.1%} per round (p20-p80 {q[0] - 1:+.1%} to {q[3] - 1:+.1%})"
+        )
 
 
 if __name__ == "__main__":
