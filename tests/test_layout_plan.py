@@ -226,7 +226,11 @@ def test_inference_mode_autograd_and_tracing_see_eagers_layout(generator):
             assert value.is_contiguous(), name
 
 
-CONVERSION_SHAPES = [(2, 256, 7, 5), (1, 3, 1, 1), (0, 8, 4, 4), (3, 1, 9, 2), (2, 5, 33, 1), (2, 67, 13, 11), (1, 3, 224, 224)]
+# Odd sizes, and copies of over 1 MiB into NCHW (stored past the caches where the rows allow it).
+CONVERSION_SHAPES = [
+    (2, 256, 7, 5), (1, 3, 1, 1), (0, 8, 4, 4), (3, 1, 9, 2), (2, 5, 33, 1), (2, 67, 13, 11), (1, 3, 224, 224), (2, 64, 48, 48),
+    (1, 260, 35, 29),
+]
 
 
 @pytest.fixture(params=["extension", "aten"])
@@ -257,9 +261,10 @@ def test_the_conversions_equal_atens(shape, dtype, copies_by):
         assert converted.requires_grad and converted.is_contiguous()  # autograd records it: ATen's own copy
 
 
-def test_the_conversions_keep_every_bit(copies_by):
+@pytest.mark.parametrize("shape", [(2, 24, 9, 7), (2, 128, 32, 40)])
+def test_the_conversions_keep_every_bit(shape, copies_by):
     """NaN payloads, signed zeros, infinities and denormals come through as the same bits."""
-    bits = torch.randint(-(2**31), 2**31 - 1, (2, 24, 9, 7), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    bits = torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, generator=torch.Generator().manual_seed(3))
     bits[0, :4, 0, 0] = torch.tensor([0x7FC00001, 0x7F800001, -0x80000000, 0x00000001], dtype=torch.int32)  # NaNs, -0.0, denormal
     t = bits.view(torch.float32).contiguous(memory_format=torch.channels_last)
     assert torch.equal(to_nchw(t).view(torch.int32), bits)

@@ -39,6 +39,8 @@ constexpr int64_t kTile = 8;
 // grain size for elementwise loops).
 constexpr int64_t kRowsPerTask = 64;
 constexpr int64_t kElementsPerThread = 32768;
+// Copies of at least this many bytes into NCHW are stored past the caches (see store()).
+constexpr size_t kStreamBytes = 1 << 20;
 
 // dst (cols x rows) = the transpose of src (rows x cols), for the rows [row_begin, row_end) of src.
 template <typename T>
@@ -55,6 +57,18 @@ void transpose_rows_scalar(const T* src, T* dst, int64_t rows, int64_t cols, int
 
 #ifdef FUSED_RESNET_X86
 // One 8x8 tile of 4-byte elements: rows of src 8 apart by `src_stride` elements, rows of dst likewise.
+// Stored with kStream past the caches (dst then 32-byte aligned): a copy that leaves the network is not read
+// again soon, and would otherwise evict what the next layers read, after reading each line in to write it.
+template <bool kStream>
+__attribute__((target("avx2"))) inline void store(float* p, __m256 v) {
+  if constexpr (kStream) {
+    _mm256_stream_ps(p, v);
+  } else {
+    _mm256_storeu_ps(p, v);
+  }
+}
+
+template <bool kStream>
 __attribute__((target("avx2"))) inline void transpose_tile_8x8(const float* src, int64_t src_stride, float* dst,
                                                                 int64_t dst_stride) {
   __m256 r0 = _mm256_loadu_ps(src + 0 * src_stride), r1 = _mm256_loadu_ps(src + 1 * src_stride);
@@ -70,24 +84,36 @@ __attribute__((target("avx2"))) inline void transpose_tile_8x8(const float* src,
   __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
   __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
   __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  _mm256_storeu_ps(dst + 0 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x20));
-  _mm256_storeu_ps(dst + 1 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x20));
-  _mm256_storeu_ps(dst + 2 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x20));
-  _mm256_storeu_ps(dst + 3 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x20));
-  _mm256_storeu_ps(dst + 4 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x31));
-  _mm256_storeu_ps(dst + 5 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x31));
-  _mm256_storeu_ps(dst + 6 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x31));
-  _mm256_storeu_ps(dst + 7 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x31));
+  store<kStream>(dst + 0 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x20));
+  store<kStream>(dst + 1 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x20));
+  store<kStream>(dst + 2 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x20));
+  store<kStream>(dst + 3 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x20));
+  store<kStream>(dst + 4 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x31));
+  store<kStream>(dst + 5 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x31));
+  store<kStream>(dst + 6 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x31));
+  store<kStream>(dst + 7 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+template <bool kStream>
+__attribute__((target("avx2"))) void transpose_tiles(const float* src, float* dst, int64_t rows, int64_t cols, int64_t row_begin,
+                                                     int64_t full_rows, int64_t full_cols) {
+  for (int64_t c = 0; c < full_cols; c += kTile) {
+    for (int64_t r = row_begin; r < full_rows; r += kTile) {
+      transpose_tile_8x8<kStream>(src + r * cols + c, cols, dst + c * rows + r, rows);
+    }
+  }
+  if constexpr (kStream) _mm_sfence();  // streamed stores are ordered before the task ends
 }
 
 __attribute__((target("avx2"))) void transpose_rows_avx2(const float* src, float* dst, int64_t rows, int64_t cols,
-                                                         int64_t row_begin, int64_t row_end) {
+                                                         int64_t row_begin, int64_t row_end, bool stream) {
   const int64_t full_rows = row_begin + (row_end - row_begin) / kTile * kTile;
   const int64_t full_cols = cols / kTile * kTile;
-  for (int64_t c = 0; c < full_cols; c += kTile) {
-    for (int64_t r = row_begin; r < full_rows; r += kTile) {
-      transpose_tile_8x8(src + r * cols + c, cols, dst + c * rows + r, rows);
-    }
+  // Every tile's rows start 32-byte aligned when the image's rows do (row_begin is a multiple of 8).
+  if (stream && rows % kTile == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+    transpose_tiles<true>(src, dst, rows, cols, row_begin, full_rows, full_cols);
+  } else {
+    transpose_tiles<false>(src, dst, rows, cols, row_begin, full_rows, full_cols);
   }
   // The edges: the last columns of every row, and the last rows' first columns.
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -106,7 +132,7 @@ bool has_avx2() {
 
 // dst[image] = the transpose of src[image], each a (rows x cols) matrix, on ATen's threads.
 template <typename T>
-void transpose_images(const T* src, T* dst, int64_t images, int64_t rows, int64_t cols) {
+void transpose_images(const T* src, T* dst, int64_t images, int64_t rows, int64_t cols, bool stream) {
   const int64_t tasks_per_image = (rows + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t image_size = rows * cols;
   const int64_t grain = std::max<int64_t>(1, kElementsPerThread / std::max<int64_t>(1, kRowsPerTask * cols));
@@ -121,7 +147,7 @@ void transpose_images(const T* src, T* dst, int64_t images, int64_t rows, int64_
       if constexpr (sizeof(T) == 4) {
         if (has_avx2() && rows >= kTile && cols >= kTile) {
           transpose_rows_avx2(reinterpret_cast<const float*>(image_src), reinterpret_cast<float*>(image_dst), rows, cols,
-                              row_begin, row_end);
+                              row_begin, row_end, stream);
           continue;
         }
       }
@@ -133,16 +159,16 @@ void transpose_images(const T* src, T* dst, int64_t images, int64_t rows, int64_
 
 // Elements as unsigned integers of their size: copied as bits.
 void transpose_images_of_size(const void* src, void* dst, int64_t element_size, int64_t images, int64_t rows,
-                              int64_t cols) {
+                              int64_t cols, bool stream) {
   switch (element_size) {
     case 1:
-      return transpose_images(static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), images, rows, cols);
+      return transpose_images(static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), images, rows, cols, stream);
     case 2:
-      return transpose_images(static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst), images, rows, cols);
+      return transpose_images(static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst), images, rows, cols, stream);
     case 4:
-      return transpose_images(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), images, rows, cols);
+      return transpose_images(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), images, rows, cols, stream);
     case 8:
-      return transpose_images(static_cast<const uint64_t*>(src), static_cast<uint64_t*>(dst), images, rows, cols);
+      return transpose_images(static_cast<const uint64_t*>(src), static_cast<uint64_t*>(dst), images, rows, cols, stream);
     default:
       TORCH_CHECK(false, "fused_resnet_cpu: elements of ", element_size, " bytes are not supported (1, 2, 4 or 8)");
   }
@@ -175,7 +201,10 @@ at::Tensor copy_into_other_layout(const at::Tensor& x, c10::MemoryFormat from, c
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   // Per image: channels_last is a (H*W, C) matrix, NCHW a (C, H*W) one.
   const int64_t rows = from_channels_last ? hw : c, cols = from_channels_last ? c : hw;
-  if (out.numel() != 0) transpose_images_of_size(x.const_data_ptr(), out.data_ptr(), x.element_size(), n, rows, cols);
+  // An NCHW copy is what the network returns (a feature map), read after the rest of it ran; a
+  // channels_last one is read at once by the next conv.
+  const bool stream = from_channels_last && out.nbytes() >= kStreamBytes;
+  if (out.numel() != 0) transpose_images_of_size(x.const_data_ptr(), out.data_ptr(), x.element_size(), n, rows, cols, stream);
   return out;
 }
 
