@@ -43,7 +43,7 @@ def native_copies():
     """torch.ops.fused_resnet_cpu, whose ops copy between the layouts, or None where the CPU extension
     was not built."""
     try:
-        from . import _cpu  # noqa: F401  (loading it registers the fused_resnet_cpu ops)
+        from fused_resnet import _cpu  # noqa: F401  (loading it registers the fused_resnet_cpu ops)
     except ImportError:
         return None
     return torch.ops.fused_resnet_cpu

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 # Compiled modules, which have no .py file to read.
-EXTENSION_MODULES = {"fused_resnet._C"}
+EXTENSION_MODULES = {"fused_resnet._C", "fused_resnet._cpu"}
 
 # Lowest first. A module is placed by the first prefix that matches its dotted name.
 LAYERS = (
     ("base", ("fused_resnet._build", "fused_resnet.validation", "fused_resnet.call", "fused_resnet.parity",
               "fused_resnet.timing", "fused_resnet.fold", "fused_resnet.derivatives", "fused_resnet.cpu_isa",
-              "fused_resnet.version", "fused_resnet.memory_format")),
+              "fused_resnet.version", "fused_resnet._cpu", "fused_resnet.memory_format")),
     ("kernel", ("fused_resnet._C", "fused_resnet.autotune", "fused_resnet.backends.")),
     ("backend registry", ("fused_resnet.backends",)),
     ("self-check", ("fused_resnet.self_check",)),
