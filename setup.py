@@ -92,7 +92,9 @@ elif os.environ.get("FUSED_RESNET_BUILD_CUDA") != "1" and not torch.cuda.is_avai
 else:
     not_built = None
 
-if torch is not None:
+if torch is None:
+    print("CPU extension: not built: torch is not installed (the build needs its headers)")
+else:
 
     class _BuildInTree(BuildExtension):
         """Compiles into build/ext in the source tree instead of pip's temporary directory: ninja keeps
@@ -103,24 +105,21 @@ if torch is not None:
             self.build_temp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "ext")
 
     cmdclass["build_ext"] = _BuildInTree.with_options(use_ninja=True)
-
-if torch is None:
-    print("CPU extension: not built: torch is not installed (the build needs its headers)")
-elif os.environ.get("FUSED_RESNET_SKIP_CPU_BUILD") == "1":
-    print("CPU extension: not built: FUSED_RESNET_SKIP_CPU_BUILD=1")
-else:
-    ext_modules.append(
-        CppExtension(
-            name="fused_resnet._cpu",
-            sources=sorted(glob.glob("csrc/cpu/*.cpp")),
-            # OpenMP for ATen's parallel_for (the library torch loaded serves it); no -march: the kernels ask
-            # the CPU at run time, so that one build runs on any x86-64 CPU.
-            extra_compile_args=["-O3", "-std=c++20", "-fopenmp"],
-            extra_link_args=["-fopenmp"],
-            py_limited_api=False,
+    if os.environ.get("FUSED_RESNET_SKIP_CPU_BUILD") == "1":
+        print("CPU extension: not built: FUSED_RESNET_SKIP_CPU_BUILD=1")
+    else:
+        ext_modules.append(
+            CppExtension(
+                name="fused_resnet._cpu",
+                sources=sorted(glob.glob("csrc/cpu/*.cpp")),
+                # OpenMP for ATen's parallel_for (the library torch loaded serves it); no -march: the kernels
+                # ask the CPU at run time, so that one build runs on any x86-64 CPU.
+                extra_compile_args=["-O3", "-std=c++20", "-fopenmp"],
+                extra_link_args=["-fopenmp"],
+                py_limited_api=False,
+            )
         )
-    )
-    print("CPU extension: built (NCHW <-> channels_last copies)")
+        print("CPU extension: built (NCHW <-> channels_last copies)")
 
 if not_built is None:
     arch_list = _arch_list_with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a"))

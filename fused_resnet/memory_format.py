@@ -56,6 +56,8 @@ def _native(t: Tensor):
 
 def to_nchw(t: Tensor) -> Tensor:
     """`t` as a contiguous (NCHW) tensor."""
+    if tracing():  # a trace records ATen's copy (and cannot branch on a traced tensor's strides)
+        return t.contiguous()
     if not is_channels_last(t) or not _by_matrices(t):
         return t.contiguous()
     native = _native(t)
@@ -71,6 +73,8 @@ def to_nchw(t: Tensor) -> Tensor:
 
 def to_channels_last(t: Tensor) -> Tensor:
     """`t` as a channels_last tensor (`t` itself if it is one)."""
+    if tracing():  # as in to_nchw
+        return t.contiguous(memory_format=torch.channels_last)
     return t if is_channels_last(t) else channels_last_copy(t)
 
 

@@ -408,8 +408,7 @@ class FusedResNet(nn.Module):
                 f"FusedResNet takes a 4-D batch of images (N, {self.conv1.in_channels}, H, W), got {got}; "
                 "a single image needs a batch dimension: x.unsqueeze(0)"
             )
-        x = x.to(self.conv1.weight.dtype)
-        x = x.to(memory_format=torch.channels_last) if tracing else to_channels_last(x)  # a trace records ATen's copy
+        x = to_channels_last(x.to(self.conv1.weight.dtype))
         x = self.maxpool(self.conv1(x))
         # Whether only this loop holds x: then the next fused block may write its result over it. Decided
         # at each step from the hooks registered now (a hook registered while this runs is seen at the
@@ -427,7 +426,7 @@ class FusedResNet(nn.Module):
                     x, owned = block(x), False
         # Pooled from NCHW, the features flatten as a plain reshape: from channels_last, an exported
         # graph (ONNX) gathers them element by element, through index arithmetic.
-        return self.fc(torch.flatten(self.avgpool(x.contiguous() if tracing else to_nchw(x)), 1))
+        return self.fc(torch.flatten(self.avgpool(to_nchw(x)), 1))
 
 
 def refresh(model: nn.Module) -> nn.Module:

@@ -233,12 +233,20 @@ CONVERSION_SHAPES = [
 ]
 
 
+def _extension_ops():
+    """torch.ops.fused_resnet_cpu, or a skip where the extension is not built (tests/test_build.py fails then,
+    unless FUSED_RESNET_SKIP_CPU_BUILD=1 says it is meant)."""
+    ops = memory_format.native_copies()
+    if ops is None:
+        pytest.skip("the CPU extension is not built (FUSED_RESNET_SKIP_CPU_BUILD=1)")
+    return ops
+
+
 @pytest.fixture(params=["extension", "aten"])
 def copies_by(request, monkeypatch):
     """The conversions by the CPU extension's ops, and by ATen's copies (where the extension is missing)."""
     if request.param == "extension":
-        if memory_format.native_copies() is None:
-            pytest.skip("the CPU extension is not built (FUSED_RESNET_SKIP_CPU_BUILD=1): tests/test_build.py says so")
+        _extension_ops()
     else:
         monkeypatch.setattr(memory_format, "native_copies", lambda: None)
     return request.param
@@ -285,9 +293,7 @@ def test_the_conversions_of_views_and_odd_strides(copies_by):
 
 
 def test_the_extension_ops_refuse_what_they_cannot_copy():
-    ops = memory_format.native_copies()
-    if ops is None:
-        pytest.skip("the CPU extension is not built (FUSED_RESNET_SKIP_CPU_BUILD=1): tests/test_build.py says so")
+    ops = _extension_ops()
     with pytest.raises(RuntimeError, match="expected a dense channels_last tensor"):
         ops.channels_last_to_contiguous(torch.randn(2, 3, 4, 5))
     with pytest.raises(RuntimeError, match="expected a dense contiguous"):

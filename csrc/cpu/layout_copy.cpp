@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -42,11 +41,13 @@ constexpr int64_t kElementsPerThread = 32768;
 // Copies of at least this many bytes into NCHW are stored past the caches (see store()).
 constexpr size_t kStreamBytes = 1 << 20;
 
-// dst (cols x rows) = the transpose of src (rows x cols), for the rows [row_begin, row_end) of src.
+// dst (cols x rows) = the transpose of src (rows x cols), for the block [row_begin, row_end) x
+// [col_begin, col_end) of src, element by element in strips of kTile columns.
 template <typename T>
-void transpose_rows_scalar(const T* src, T* dst, int64_t rows, int64_t cols, int64_t row_begin, int64_t row_end) {
-  for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-    const int64_t c1 = std::min(c0 + kTile, cols);
+void transpose_block_scalar(const T* src, T* dst, int64_t rows, int64_t cols, int64_t row_begin, int64_t row_end,
+                            int64_t col_begin, int64_t col_end) {
+  for (int64_t c0 = col_begin; c0 < col_end; c0 += kTile) {
+    const int64_t c1 = std::min(c0 + kTile, col_end);
     for (int64_t r = row_begin; r < row_end; ++r) {
       for (int64_t c = c0; c < c1; ++c) {
         dst[c * rows + r] = src[r * cols + c];
@@ -116,12 +117,8 @@ __attribute__((target("avx2"))) void transpose_rows_avx2(const float* src, float
     transpose_tiles<false>(src, dst, rows, cols, row_begin, full_rows, full_cols);
   }
   // The edges: the last columns of every row, and the last rows' first columns.
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    for (int64_t c = full_cols; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
-  }
-  for (int64_t r = full_rows; r < row_end; ++r) {
-    for (int64_t c = 0; c < full_cols; ++c) dst[c * rows + r] = src[r * cols + c];
-  }
+  transpose_block_scalar(src, dst, rows, cols, row_begin, row_end, full_cols, cols);
+  transpose_block_scalar(src, dst, rows, cols, full_rows, row_end, 0, full_cols);
 }
 
 bool has_avx2() {
@@ -152,7 +149,7 @@ void transpose_images(const T* src, T* dst, int64_t images, int64_t rows, int64_
         }
       }
 #endif
-      transpose_rows_scalar(image_src, image_dst, rows, cols, row_begin, row_end);
+      transpose_block_scalar(image_src, image_dst, rows, cols, row_begin, row_end, 0, cols);
     }
   });
 }

@@ -146,9 +146,9 @@ def _relative(root: Path, paths: list[Path]) -> list[str]:
 
 def _summary(log: Path) -> str:
     """setup.py's last line about each extension, one after the other."""
-    said = []
+    text, said = log.read_text().splitlines(), []
     for prefix in SUMMARY_PREFIXES:
-        lines = [line[line.index(prefix) :].strip() for line in log.read_text().splitlines() if prefix in line]
+        lines = [line[line.index(prefix) :].strip() for line in text if prefix in line]
         said.append(lines[-1] if lines else f"{prefix}setup.py did not say (see {log})")
     return "; ".join(said)
 
