@@ -226,10 +226,11 @@ def test_inference_mode_autograd_and_tracing_see_eagers_layout(generator):
             assert value.is_contiguous(), name
 
 
-# Odd sizes, and copies of over 1 MiB into NCHW (stored past the caches where the rows allow it).
+# Odd sizes, and copies of over 1 MiB into NCHW, stored past the caches in 32-byte rows (48x48), in 16-byte
+# halves (38x38) and not at all (35x29: rows of an odd length).
 CONVERSION_SHAPES = [
     (2, 256, 7, 5), (1, 3, 1, 1), (0, 8, 4, 4), (3, 1, 9, 2), (2, 5, 33, 1), (2, 67, 13, 11), (1, 3, 224, 224), (2, 64, 48, 48),
-    (1, 260, 35, 29),
+    (1, 260, 35, 29), (2, 104, 38, 38),
 ]
 
 

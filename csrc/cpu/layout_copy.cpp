@@ -57,64 +57,91 @@ void transpose_block_scalar(const T* src, T* dst, int64_t rows, int64_t cols, in
 }
 
 #ifdef FUSED_RESNET_X86
-// One 8x8 tile of 4-byte elements: rows of src 8 apart by `src_stride` elements, rows of dst likewise.
-// Stored with kStream past the caches (dst then 32-byte aligned): a copy that leaves the network is not read
-// again soon, and would otherwise evict what the next layers read, after reading each line in to write it.
-template <bool kStream>
+// How a tile's rows are stored. A copy that leaves the network (a returned feature map) is not read again
+// soon: stored past the caches it does not evict what the next layers read, and its lines are not read
+// in to be written. That takes dst rows aligned to the store's width: 32 bytes (an NCHW image whose H*W
+// is a multiple of 8), else two 16-byte halves (H*W a multiple of 4).
+enum class Store { kCached, kStream32, kStream16 };
+
+template <Store kStore>
 __attribute__((target("avx2"))) inline void store(float* p, __m256 v) {
-  if constexpr (kStream) {
+  if constexpr (kStore == Store::kStream32) {
     _mm256_stream_ps(p, v);
+  } else if constexpr (kStore == Store::kStream16) {
+    _mm_stream_ps(p, _mm256_castps256_ps128(v));
+    _mm_stream_ps(p + 4, _mm256_extractf128_ps(v, 1));
   } else {
     _mm256_storeu_ps(p, v);
   }
 }
 
-template <bool kStream>
-__attribute__((target("avx2"))) inline void transpose_tile_8x8(const float* src, int64_t src_stride, float* dst,
-                                                                int64_t dst_stride) {
-  __m256 r0 = _mm256_loadu_ps(src + 0 * src_stride), r1 = _mm256_loadu_ps(src + 1 * src_stride);
-  __m256 r2 = _mm256_loadu_ps(src + 2 * src_stride), r3 = _mm256_loadu_ps(src + 3 * src_stride);
-  __m256 r4 = _mm256_loadu_ps(src + 4 * src_stride), r5 = _mm256_loadu_ps(src + 5 * src_stride);
-  __m256 r6 = _mm256_loadu_ps(src + 6 * src_stride), r7 = _mm256_loadu_ps(src + 7 * src_stride);
-  // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves: the standard 8x8 transpose.
-  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-  __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-  __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-  __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  store<kStream>(dst + 0 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x20));
-  store<kStream>(dst + 1 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x20));
-  store<kStream>(dst + 2 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x20));
-  store<kStream>(dst + 3 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x20));
-  store<kStream>(dst + 4 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x31));
-  store<kStream>(dst + 5 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x31));
-  store<kStream>(dst + 6 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x31));
-  store<kStream>(dst + 7 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x31));
+// Rows i and i + 4 of a tile's source, their first halves in one register and their second halves in
+// another: loaded as 16-byte halves, which costs no shuffle (the standard transpose's last stage).
+__attribute__((target("avx2"))) inline void load_halves(const float* row, const float* row4, __m256& lo, __m256& hi) {
+  lo = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(row)), _mm_loadu_ps(row4), 1);
+  hi = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(row + 4)), _mm_loadu_ps(row4 + 4), 1);
 }
 
-template <bool kStream>
+// One 8x8 tile of 4-byte elements: rows of src `src_stride` elements apart, rows of dst likewise.
+template <Store kStore>
+__attribute__((target("avx2"))) inline void transpose_tile_8x8(const float* src, int64_t src_stride, float* dst,
+                                                                int64_t dst_stride) {
+  // a_i holds columns 0-3 of rows i and i+4, b_i columns 4-7; within each 128-bit lane this is a 4x4
+  // transpose (interleave pairs of rows, then pairs of pairs), which leaves column j of rows 0-3 in the
+  // low lane and of rows 4-7 in the high lane: dst row j.
+  __m256 a0, a1, a2, a3, b0, b1, b2, b3;
+  load_halves(src + 0 * src_stride, src + 4 * src_stride, a0, b0);
+  load_halves(src + 1 * src_stride, src + 5 * src_stride, a1, b1);
+  load_halves(src + 2 * src_stride, src + 6 * src_stride, a2, b2);
+  load_halves(src + 3 * src_stride, src + 7 * src_stride, a3, b3);
+  __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+  __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+  __m256 t4 = _mm256_unpacklo_ps(b0, b1), t5 = _mm256_unpackhi_ps(b0, b1);
+  __m256 t6 = _mm256_unpacklo_ps(b2, b3), t7 = _mm256_unpackhi_ps(b2, b3);
+  store<kStore>(dst + 0 * dst_stride, _mm256_shuffle_ps(t0, t2, 0x44));
+  store<kStore>(dst + 1 * dst_stride, _mm256_shuffle_ps(t0, t2, 0xEE));
+  store<kStore>(dst + 2 * dst_stride, _mm256_shuffle_ps(t1, t3, 0x44));
+  store<kStore>(dst + 3 * dst_stride, _mm256_shuffle_ps(t1, t3, 0xEE));
+  store<kStore>(dst + 4 * dst_stride, _mm256_shuffle_ps(t4, t6, 0x44));
+  store<kStore>(dst + 5 * dst_stride, _mm256_shuffle_ps(t4, t6, 0xEE));
+  store<kStore>(dst + 6 * dst_stride, _mm256_shuffle_ps(t5, t7, 0x44));
+  store<kStore>(dst + 7 * dst_stride, _mm256_shuffle_ps(t5, t7, 0xEE));
+}
+
+// The tiles of rows [row_begin, full_rows) and columns [0, full_cols), in blocks of 2x2 tiles: each block
+// reads 16 source rows by one 64-byte line each, whole, and writes 16 destination rows by 16 elements,
+// the tiles that share destination lines one after the other. (Tile by tile down a column of tiles, a
+// wide source's rows, as many kilobytes apart, would evict each other from the cache before their
+// lines' second halves were read.)
+template <Store kStore>
 __attribute__((target("avx2"))) void transpose_tiles(const float* src, float* dst, int64_t rows, int64_t cols, int64_t row_begin,
                                                      int64_t full_rows, int64_t full_cols) {
-  for (int64_t c = 0; c < full_cols; c += kTile) {
-    for (int64_t r = row_begin; r < full_rows; r += kTile) {
-      transpose_tile_8x8<kStream>(src + r * cols + c, cols, dst + c * rows + r, rows);
+  for (int64_t r = row_begin; r < full_rows; r += 2 * kTile) {
+    const bool second_row = r + kTile < full_rows;
+    for (int64_t c = 0; c < full_cols; c += 2 * kTile) {
+      const bool second_col = c + kTile < full_cols;
+      for (int64_t cc = c; cc < (second_col ? c + 2 * kTile : c + kTile); cc += kTile) {
+        transpose_tile_8x8<kStore>(src + r * cols + cc, cols, dst + cc * rows + r, rows);
+        if (second_row) transpose_tile_8x8<kStore>(src + (r + kTile) * cols + cc, cols, dst + cc * rows + r + kTile, rows);
+      }
     }
   }
-  if constexpr (kStream) _mm_sfence();  // streamed stores are ordered before the task ends
+  if constexpr (kStore != Store::kCached) _mm_sfence();  // streamed stores are ordered before the task ends
 }
 
 __attribute__((target("avx2"))) void transpose_rows_avx2(const float* src, float* dst, int64_t rows, int64_t cols,
                                                          int64_t row_begin, int64_t row_end, bool stream) {
   const int64_t full_rows = row_begin + (row_end - row_begin) / kTile * kTile;
   const int64_t full_cols = cols / kTile * kTile;
-  // Every tile's rows start 32-byte aligned when the image's rows do (row_begin is a multiple of 8).
-  if (stream && rows % kTile == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
-    transpose_tiles<true>(src, dst, rows, cols, row_begin, full_rows, full_cols);
+  // Every tile's rows start as aligned as the image's when `rows` is a multiple of the store's width
+  // (row_begin is a multiple of 8).
+  const auto address = reinterpret_cast<uintptr_t>(dst);
+  if (stream && rows % 8 == 0 && address % 32 == 0) {
+    transpose_tiles<Store::kStream32>(src, dst, rows, cols, row_begin, full_rows, full_cols);
+  } else if (stream && rows % 4 == 0 && address % 16 == 0) {
+    transpose_tiles<Store::kStream16>(src, dst, rows, cols, row_begin, full_rows, full_cols);
   } else {
-    transpose_tiles<false>(src, dst, rows, cols, row_begin, full_rows, full_cols);
+    transpose_tiles<Store::kCached>(src, dst, rows, cols, row_begin, full_rows, full_cols);
   }
   // The edges: the last columns of every row, and the last rows' first columns.
   transpose_block_scalar(src, dst, rows, cols, row_begin, row_end, full_cols, cols);
