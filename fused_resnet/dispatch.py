@@ -277,7 +277,7 @@ def select(op: _Op, name: str, call, shape=None) -> ModuleType:
     return note_serving(_select_checked(op, name, call, shape))
 
 
-def _writable_residual(backend: ModuleType, call: ConvCall, shape) -> bool:
+def writable_residual(backend: ModuleType, call: ConvCall, shape) -> bool:
     residual = call.residual
     return (
         getattr(backend, "WRITES_INTO_RESIDUAL", False)
@@ -292,7 +292,7 @@ def conv2d_bias_act(call: ConvCall, shape, backend: str, residual_writable: bool
     if 0 in shape:
         return new_output(call.x, shape)
     chosen = select(CONV, backend, call, shape)
-    if residual_writable and _writable_residual(chosen, call, shape):
+    if residual_writable and writable_residual(chosen, call, shape):
         out = call.residual  # a new output's pages would be faulted in afresh on each call; the residual's are warm
     else:
         out = preallocated(chosen, lambda: new_output(call.x, shape))

@@ -17,7 +17,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import backends
-from . import ops
+from . import onednn_stages, ops
 from .layout import LayoutMixin, reader_input
 from .memory_format import is_channels_last as _is_channels_last, to_channels_last, to_nchw, tracing as _tracing
 from .ops import conv2d_bias_act, conv2d_preact
@@ -414,6 +414,17 @@ class FusedResNet(nn.Module):
         # at each step from the hooks registered now (a hook registered while this runs is seen at the
         # next step), and never for a tensor a module other than our own blocks returned.
         owned = not tracing and type(self.maxpool) is nn.MaxPool2d and not _hooked(self.maxpool)
+        if tracing:
+            x = self._run_stages(x, owned)
+        else:  # straight oneDNN calls where they compute the same (onednn_stages.py)
+            x = onednn_stages.run(self, x, owned, self._run_stages, (FusedBasicBlock, FusedBottleneck), FusedConv2d)
+        # Pooled from NCHW, the features flatten as a plain reshape: from channels_last, an exported
+        # graph (ONNX) gathers them element by element, through index arithmetic.
+        return self.fc(torch.flatten(self.avgpool(to_nchw(x)), 1))
+
+    def _run_stages(self, x: Tensor, owned: bool) -> Tensor:
+        """The four stages, module by module. `owned`: only this call holds x (see forward)."""
+        tracing = _tracing()
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             if tracing or type(layer) is not nn.Sequential or _hooked(layer, own_only=True):
                 x, owned = layer(x), False  # called as a module, so that every hook sees what it expects
@@ -424,9 +435,7 @@ class FusedResNet(nn.Module):
                     owned = not _hooked(block)  # no hook of the block, or of its last conv, saw its output
                 else:  # a module the user placed here may keep what it takes or returns
                     x, owned = block(x), False
-        # Pooled from NCHW, the features flatten as a plain reshape: from channels_last, an exported
-        # graph (ONNX) gathers them element by element, through index arithmetic.
-        return self.fc(torch.flatten(self.avgpool(to_nchw(x)), 1))
+        return x
 
 
 def refresh(model: nn.Module) -> nn.Module:

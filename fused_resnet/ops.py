@@ -59,7 +59,7 @@ def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple:
     return (cast(x, False), *(cast(t, True) for t in tensors))
 
 
-def _plain_eager_call(*tensors: Tensor | None) -> bool:
+def plain_eager_call(*tensors: Tensor | None) -> bool:
     """True when nothing but the caller sees this call: no autograd to record, no tracer, compiler,
     dispatch or function mode, functorch transform or forward-mode AD, and plain tensors only.
 
@@ -90,7 +90,7 @@ _validated: dict[tuple, tuple] = {}
 MAX_VALIDATED = 4096  # more distinct calls than any model makes; inputs of ever-new sizes start afresh
 
 
-def _effective_dilation(weight: Tensor, dilation: Sequence[int]) -> tuple[int, ...]:
+def effective_dilation(weight: Tensor, dilation: Sequence[int]) -> tuple[int, ...]:
     """Dilation along a kernel axis of size 1 changes nothing, and oneDNN's bfloat16 channels_last conv
     crashes on some such shapes (eager F.conv2d as well): every backend gets it as 1."""
     return tuple(1 if k == 1 else d for k, d in zip(weight.shape[2:], dilation))
@@ -104,7 +104,7 @@ def _validated_call(call: ConvCall, backend: str) -> tuple[ConvCall, tuple]:
         backends.check_name(backend)
         check = check_preact if call.preact else check_conv
         shape = check(call)
-        call_for_backends = call.replace(dilation=_effective_dilation(call.weight, call.dilation))
+        call_for_backends = call.replace(dilation=effective_dilation(call.weight, call.dilation))
         if len(_validated) >= MAX_VALIDATED:
             _validated.clear()
         validated = _validated[key] = (call_for_backends.dilation, shape)
@@ -253,7 +253,7 @@ def conv2d_bias_act(
         call = ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, relu)
         check_conv(call)
         return reference.conv2d_bias_act(None, call)
-    if _plain_eager_call(x, weight, bias, residual):
+    if plain_eager_call(x, weight, bias, residual):
         call = ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, relu)
         return _run_conv2d_bias_act(call, backend, residual_writable=residual_writable and residual is not None)
     return _conv2d_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
@@ -288,7 +288,7 @@ def conv2d_preact(
         call = ConvCall.of(x, weight, bias, residual, stride, padding, dilation, groups, False, scale, shift)
         check_preact(call)
         return reference.conv2d_preact(None, None, call)
-    op = _compute_conv2d_preact if _plain_eager_call(x, weight, bias, residual, scale, shift) else _conv2d_preact
+    op = _compute_conv2d_preact if plain_eager_call(x, weight, bias, residual, scale, shift) else _conv2d_preact
     return op(x, weight, bias, residual, scale, shift, stride, padding, dilation, groups, backend)
 
 
@@ -298,7 +298,7 @@ def add_relu(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor:
     if _by_composite(x, y):
         check_add_relu(x, y)
         return torch.relu(x + y)
-    return (_compute_add_relu if _plain_eager_call(x, y) else _add_relu)(x, y, backend)
+    return (_compute_add_relu if plain_eager_call(x, y) else _add_relu)(x, y, backend)
 
 
 

@@ -27,7 +27,7 @@ LAYERS = (
     ("backend registry", ("fused_resnet.backends",)),
     ("self-check", ("fused_resnet.self_check",)),
     ("dispatch", ("fused_resnet.dispatch",)),
-    ("op", ("fused_resnet.ops",)),
+    ("op", ("fused_resnet.ops", "fused_resnet.onednn_stages")),
     ("lowering", ("fused_resnet.export", "fused_resnet.triton_ops")),
     ("module", ("fused_resnet.layout", "fused_resnet.nn", "fused_resnet.known_modules", "fused_resnet.cuda_graph")),
     ("fuser", ("fused_resnet.patterns", "fused_resnet.graph_fuse", "fused_resnet.safety", "fused_resnet.layout_plan")),
