@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import cpu_isa
+
 PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 _OPENVINO_PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -45,6 +47,11 @@ def unavailable_reason(engine: str, device: torch.device, dtype: torch.dtype | N
         wanted = {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16"}.get(dtype)
         if wanted not in capabilities:
             return f"OpenVINO's CPU plugin does not compute {str(dtype).removeprefix('torch.')} on this CPU (it offers {', '.join(capabilities)})"
+        # The plugin lists what the CPU has, but its own oneDNN obeys ONEDNN_MAX_CPU_ISA like torch's, and
+        # fails to compile a precision the cap leaves out.
+        if cpu_isa.cap_setting() is not None and cpu_isa.onednn_computes(dtype) is False:
+            variable, value = cpu_isa.cap_setting()
+            return f"OpenVINO's CPU plugin runs oneDNN, which {variable}={value} leaves without it: {cpu_isa.missing_reason(dtype)}"
     return None
 
 
