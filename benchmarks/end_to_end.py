@@ -192,6 +192,19 @@ def chart(rows: list[dict]):
     return draw
 
 
+def _computed_here(dtypes: list[str]) -> list[str]:
+    """The default CPU dtypes without those oneDNN has no convolution for at its level here (a CPU
+    without AVX-512, or ONEDNN_MAX_CPU_ISA below it): every peer would run PyTorch's generic kernels,
+    many times slower than float32, and fr.fuse says so. Asked for with --dtypes, they still run."""
+    kept = []
+    for name in dtypes:
+        if DTYPES[name] != torch.float32 and cpu_isa.onednn_computes(DTYPES[name]) is False:
+            print(f"skipping {name}: {cpu_isa.missing_reason(DTYPES[name])} (--dtypes {name} runs it anyway)", flush=True)
+        else:
+            kept.append(name)
+    return kept
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -217,6 +230,8 @@ def main(argv=None) -> int:
         args.archs, args.dtypes, args.batches = (
             (["resnet18", "resnet50"], ["float32", "bfloat16"], [1, 8]) if on_cpu else (["resnet50"], ["float16"], [1, 256])
         )
+    if on_cpu and "--dtypes" not in (argv if argv is not None else sys.argv):
+        args.dtypes = _computed_here(args.dtypes)
     # Compile times as on a fresh machine: Inductor's caches start empty in every run.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cache-"))
     if on_cpu:
