@@ -82,7 +82,7 @@ def _stages(model: nn.Module, block_types: tuple, conv_type: type) -> _Stages | 
             if (type(block) not in block_types or block.output_layout != "channels_last" or _has_hooks(block)
                     or "forward" in block.__dict__ or block._x_note is not None):
                 return None
-            convs = tuple(block._modules.get(name) for name in block.CONVS)
+            convs = tuple(block._modules.get(conv_name) for conv_name in block.CONVS)
             downsample = block._modules.get("downsample")
             for conv in (*convs, downsample):
                 if conv is None:
