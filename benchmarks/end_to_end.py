@@ -219,6 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="GPU: ResNet-50, fp16, batch 1 and 256; CPU: resnet18/50, batch 1 and 8, fp32 and bf16")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     args = parser.parse_args(argv)
+    dtypes_given = args.dtypes is not None
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
         args.archs, args.dtypes, args.batches = (
             (["resnet18", "resnet50"], ["float32", "bfloat16"], [1, 8]) if on_cpu else (["resnet50"], ["float16"], [1, 256])
         )
-    if on_cpu and "--dtypes" not in (argv if argv is not None else sys.argv):
+    if on_cpu and not dtypes_given:
         args.dtypes = _computed_here(args.dtypes)
     # Compile times as on a fresh machine: Inductor's caches start empty in every run.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cache-"))

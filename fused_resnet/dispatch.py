@@ -278,6 +278,8 @@ def select(op: _Op, name: str, call, shape=None) -> ModuleType:
 
 
 def writable_residual(backend: ModuleType, call: ConvCall, shape) -> bool:
+    """Whether `backend` may write the conv's result of `shape` over call.residual: it can, the residual
+    is laid out as that channels_last output, and it shares no memory with the input."""
     residual = call.residual
     return (
         getattr(backend, "WRITES_INTO_RESIDUAL", False)

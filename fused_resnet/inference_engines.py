@@ -49,8 +49,9 @@ def unavailable_reason(engine: str, device: torch.device, dtype: torch.dtype | N
             return f"OpenVINO's CPU plugin does not compute {str(dtype).removeprefix('torch.')} on this CPU (it offers {', '.join(capabilities)})"
         # The plugin lists what the CPU has, but its own oneDNN obeys ONEDNN_MAX_CPU_ISA like torch's, and
         # fails to compile a precision the cap leaves out.
-        if cpu_isa.cap_setting() is not None and cpu_isa.onednn_computes(dtype) is False:
-            variable, value = cpu_isa.cap_setting()
+        cap = cpu_isa.cap_setting()
+        if cap is not None and cpu_isa.onednn_computes(dtype) is False:
+            variable, value = cap
             return f"OpenVINO's CPU plugin runs oneDNN, which {variable}={value} leaves without it: {cpu_isa.missing_reason(dtype)}"
     return None
 
