@@ -10,7 +10,7 @@ from .cuda_graph import CUDAGraphModule
 from .export import export_onnx
 from .fold import fold_bn
 from .fusion_report import inspect
-from .nn import FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dAct, FusedConv2dMaxPool, FusedConv2dPreact, FusedResNet, refresh
+from .nn import FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dAct, FusedConv2dMaxPool, FusedConv2dPreact, FusedResNet, FusedStage, refresh
 from .version import __version__
 
-__all__ = ["__version__", "fuse", "CUDAGraphModule", "export_onnx", "fold_bn", "inspect", "ops", "refresh", "FusedConv2d", "FusedConv2dAct", "FusedConv2dMaxPool", "FusedConv2dPreact", "FusedBasicBlock", "FusedBottleneck", "FusedResNet"]
+__all__ = ["__version__", "fuse", "CUDAGraphModule", "export_onnx", "fold_bn", "inspect", "ops", "refresh", "FusedConv2d", "FusedConv2dAct", "FusedConv2dMaxPool", "FusedConv2dPreact", "FusedBasicBlock", "FusedBottleneck", "FusedResNet", "FusedStage"]

@@ -23,7 +23,7 @@ from .known_modules import (
     bn_activation, bn_problem, block_twin_problem, conv_problem, hook_problem, is_relu, is_training_batch_norm,
 )
 from .safety import Refusals
-from .nn import FusedResNet, fuse_block
+from .nn import RESIDUAL_BLOCKS, FusedResNet, FusedStage, fuse_block
 
 
 def _is_plain_resnet(model: nn.Module) -> bool:
@@ -70,6 +70,15 @@ def _swap_blocks(module: nn.Module, backend: str, dtype, groups: list, refusals:
             groups.append(FusionGroup(prefix + name, f"torchvision {type(child).__name__} -> {type(fused[id(child)][1]).__name__}", True))
         elif child is not None:
             _swap_blocks(child, backend, dtype, groups, refusals, f"{prefix}{name}.", fused)
+
+
+def _stages_as_fused(model: nn.Module) -> None:
+    """Makes every plain nn.Sequential of fused residual blocks below `model` (a copy fr.fuse owns) a
+    FusedStage, whose blocks hand each other channels_last where nothing could tell."""
+    for module in model.modules():
+        blocks = list(module._modules.values())
+        if type(module) is nn.Sequential and "forward" not in module.__dict__ and blocks and all(type(b) in RESIDUAL_BLOCKS for b in blocks):
+            module.__class__ = FusedStage
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -130,6 +139,7 @@ def fuse_with_report(
         scan(fused, refusals)
         _swap_blocks(fused, backend, dtype, groups, refusals)
         fused = fuse_graph(fused, backend, dtype, groups, refusals, replaceable=hook_problem(fused) is None)
+        _stages_as_fused(fused)
         plan_layouts(fused)
     _report_remaining_norms(fused, groups)
     if warn:

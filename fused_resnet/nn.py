@@ -13,13 +13,15 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks, _global_forward_pre_hooks,
+)
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import backends
 from . import onednn_stages, ops
 from .layout import LayoutMixin, reader_input
-from .memory_format import is_channels_last as _is_channels_last, to_channels_last, to_nchw, tracing as _tracing
+from .memory_format import is_channels_last as _is_channels_last, plain_run, to_channels_last, to_nchw, tracing as _tracing
 from .ops import conv2d_bias_act, conv2d_preact
 from .fold import bn_scale_shift, fold_bn
 from .known_modules import block_twin_problem, foldable_shortcut
@@ -285,6 +287,10 @@ def _hooked(module: nn.Module, own_only: bool = False) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in ((module,) if own_only else module.modules()))
 
 
+def _global_hooks() -> bool:
+    return bool(_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks)
+
+
 def _residual_of(block: nn.Module, x: Tensor, x_writable: bool) -> tuple[Tensor, bool]:
     """A block's residual branch, and whether its last conv may write its result over it.
 
@@ -342,13 +348,16 @@ class _FusedResidualBlock(LayoutMixin, nn.Module):
         """`x_writable=True`: the caller will not read `x` again, so the block may write over it."""
         given = x
         x, eager_channels_last = reader_input(x, self._x_note)
-        x_writable = x_writable and x is given  # never over a twin another reader may read
+        out = self.forward_channels_last(x, x_writable and x is given)  # never over a twin another reader may read
+        return out if self.output_layout == "channels_last" else self._eager_output((out,), x, eager_channels_last)[0]
+
+    def forward_channels_last(self, x: Tensor, x_writable: bool = False) -> Tensor:
+        """The block's result as its last conv returns it (channels_last), whatever `output_layout` says."""
         out = x
         for name in self.CONVS[:-1]:
             out = getattr(self, name)(out)
         residual, writable = _residual_of(self, x, x_writable)
-        out = getattr(self, self.CONVS[-1])(out, residual=residual, residual_writable=writable)
-        return out if self.output_layout == "channels_last" else self._eager_output((out,), x, eager_channels_last)[0]
+        return getattr(self, self.CONVS[-1])(out, residual=residual, residual_writable=writable)
 
 
 class FusedBasicBlock(_FusedResidualBlock):
@@ -363,6 +372,43 @@ class FusedBottleneck(_FusedResidualBlock):
 
     CONVS = ("conv1", "conv2", "conv3")
     TWIN = Bottleneck
+
+
+RESIDUAL_BLOCKS = (FusedBasicBlock, FusedBottleneck)
+
+
+class FusedStage(nn.Sequential):
+    """An nn.Sequential of fused residual blocks (a ResNet stage in a model fr.fuse rewrote). Called as
+    it is, its blocks hand each other their channels_last results directly, and only the stage's output
+    takes eager's layout (or what the layout plan allows: the last block's `_eager_output`); on the CPU
+    the blocks' convs are straight oneDNN calls (onednn_stages.py).
+
+    Taken only where nothing could tell it from nn.Sequential's loop: no hook of any kind, global or on
+    a block (hooks inside the blocks run, their convs being called as modules), every child a
+    FusedBasicBlock / FusedBottleneck with its class's forward, and nothing traces or transforms the
+    call. Else it is nn.Sequential's loop, each block called as a module."""
+
+    def forward(self, x):
+        blocks = tuple(self._modules.values())
+        if not (blocks and isinstance(x, Tensor) and plain_run() and not _global_hooks()) or any(
+            type(block) not in RESIDUAL_BLOCKS or "forward" in block.__dict__ or ops.has_hooks(block) for block in blocks
+        ):
+            return super().forward(x)
+        x, eager_channels_last = reader_input(x, blocks[0]._x_note)
+        if eager_channels_last is None:
+            eager_channels_last = _is_channels_last(x)
+        # A block built from channels_last weights returns channels_last, as eager's does; the rest keep their input's.
+        eager_channels_last = eager_channels_last or any(block.output_layout == "channels_last" for block in blocks)
+        y = onednn_stages.run(self, (self,), x, False, self._run_blocks, RESIDUAL_BLOCKS, FusedConv2d, blocks_as_modules=False)
+        last = blocks[-1]
+        return y if last.output_layout == "channels_last" else last._eager_output((y,), x, eager_channels_last)[0]
+
+    def _run_blocks(self, x: Tensor, owned: bool) -> Tensor:
+        """The blocks' channels_last results handed on, each block writing over its input where only this loop holds it."""
+        for block in self._modules.values():
+            x = block.forward_channels_last(x, owned)
+            owned = not _hooked(block)  # no hook inside the block saw its output
+        return x
 
 
 def fuse_block(block: nn.Module, backend: str = "auto", dtype=None, output_layout: str = "channels_last") -> nn.Module:
@@ -414,10 +460,11 @@ class FusedResNet(nn.Module):
         # at each step from the hooks registered now (a hook registered while this runs is seen at the
         # next step), and never for a tensor a module other than our own blocks returned.
         owned = not tracing and type(self.maxpool) is nn.MaxPool2d and not _hooked(self.maxpool)
-        if tracing:
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if tracing or not all(type(layer) is nn.Sequential and not ops.has_hooks(layer) and "forward" not in layer.__dict__ for layer in layers):
             x = self._run_stages(x, owned)
         else:  # straight oneDNN calls where they compute the same (onednn_stages.py)
-            x = onednn_stages.run(self, x, owned, self._run_stages, (FusedBasicBlock, FusedBottleneck), FusedConv2d)
+            x = onednn_stages.run(self, layers, x, owned, self._run_stages, RESIDUAL_BLOCKS, FusedConv2d)
         # Pooled from NCHW, the features flatten as a plain reshape: from channels_last, an exported
         # graph (ONNX) gathers them element by element, through index arithmetic.
         return self.fc(torch.flatten(self.avgpool(to_nchw(x)), 1))

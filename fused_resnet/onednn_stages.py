@@ -1,4 +1,5 @@
-"""A FusedResNet's four stages as straight calls of oneDNN's convolutions, on the CPU.
+"""Stages of fused residual blocks (a FusedResNet's four, or a FusedStage) as straight calls of oneDNN's
+convolutions, on the CPU.
 
 Through the ops, each fused conv costs about 20 us more of Python than the oneDNN call itself
 (argument checks, autocast, the call's key, the validation and backend memos, the layout notes). Here
@@ -13,8 +14,8 @@ It is taken only where it cannot differ from calling the modules:
   or an error keeps the modules' path);
 - no hook is registered (global, or on any module of the stages), nothing records autograd (no
   gradient mode), autocast is off, and nothing traces or transforms the call (ops.plain_eager_call);
-- the stages are still nn.Sequential of FusedBasicBlock / FusedBottleneck whose convs are plain
-  FusedConv2d, none with a forward of its own, all as they were on that first call.
+- the stages still hold FusedBasicBlock / FusedBottleneck whose convs are plain FusedConv2d, none with a
+  forward of its own, all as they were on that first call.
 Packed weights come from the backend's cache on every call, so an edited weight is never served stale.
 """
 
@@ -31,11 +32,9 @@ from . import dispatch, ops
 from .backends import onednn
 from .call import ConvCall
 
-# Validated calls, per model: a model called with inputs of ever-new sizes keeps this many.
+# Validated calls, per owner (a model or a stage): one called with inputs of ever-new sizes keeps this many.
 MAX_KEYS_PER_MODEL = 4
-_validated: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {input key: _Stages.signature}
-
-_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_validated: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> {input key: _Stages.signature}
 
 
 class _Stages:
@@ -71,16 +70,16 @@ class _Stages:
         return tuple(self._modules), self._values
 
 
-def _stages(model: nn.Module, block_types: tuple, conv_type: type) -> _Stages | None:
-    """The model's stages, or None where one of them is not what this module runs (see the module docstring)."""
+def _stages(layers: tuple, block_types: tuple, conv_type: type, blocks_as_modules: bool) -> _Stages | None:
+    """The blocks of `layers`, or None where one of them is not what this module runs (see the module
+    docstring). `blocks_as_modules`: the modules' path calls each block as a module, which returns the
+    layout its `output_layout` and notes say; so those must be a channels_last hand-on, as here."""
     stages = _Stages()
-    for name in _STAGES:
-        layer = model._modules.get(name)
-        if type(layer) is not nn.Sequential or _has_hooks(layer) or "forward" in layer.__dict__:
-            return None
+    for layer in layers:
         for block in layer._modules.values():
-            if (type(block) not in block_types or block.output_layout != "channels_last" or _has_hooks(block)
-                    or "forward" in block.__dict__ or block._x_note is not None):
+            if type(block) not in block_types or ops.has_hooks(block) or "forward" in block.__dict__:
+                return None
+            if blocks_as_modules and (block.output_layout != "channels_last" or block._x_note is not None):
                 return None
             convs = tuple(block._modules.get(conv_name) for conv_name in block.CONVS)
             downsample = block._modules.get("downsample")
@@ -88,7 +87,7 @@ def _stages(model: nn.Module, block_types: tuple, conv_type: type) -> _Stages | 
                 if conv is None:
                     continue
                 if (type(conv) is not conv_type or conv.backend not in ("auto", onednn.NAME) or conv.output_layout != "channels_last"
-                        or _has_hooks(conv) or "forward" in conv.__dict__ or conv._modules
+                        or ops.has_hooks(conv) or "forward" in conv.__dict__ or conv._modules
                         or conv._x_note is not None or conv._residual_note is not None):
                     return None
             if None in convs or not all(conv.relu for conv in convs) or (downsample is not None and downsample.relu):
@@ -97,10 +96,6 @@ def _stages(model: nn.Module, block_types: tuple, conv_type: type) -> _Stages | 
                 return None
             stages.add(block, convs, downsample)
     return stages
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
 def _eligible_call(x: Tensor) -> bool:
@@ -113,22 +108,24 @@ def _eligible_call(x: Tensor) -> bool:
     )
 
 
-def run(model: nn.Module, x: Tensor, owned: bool, run_modules, block_types: tuple, conv_type: type) -> Tensor:
-    """The model's stages applied to `x` (channels_last): straight oneDNN calls where they compute what
-    `run_modules(x, owned)` (the modules' own path) computes, else that. `owned`: only the caller
-    holds `x`, so the first block may write its result over it. The blocks must be of `block_types`
-    and their convs exactly of `conv_type` (nn.py's, which imports this module)."""
-    stages = _stages(model, block_types, conv_type) if _eligible_call(x) else None
+def run(owner: nn.Module, layers: tuple, x: Tensor, owned: bool, run_modules, block_types: tuple, conv_type: type,
+        blocks_as_modules: bool = True) -> Tensor:
+    """The blocks of `layers` (containers of blocks, which the caller checked) applied to `x`: straight
+    oneDNN calls where they compute what `run_modules(x, owned)` (the modules' own path) computes, else
+    that. `owned`: only the caller holds `x`, so the first block may write its result over it. The
+    blocks must be of `block_types` and their convs exactly of `conv_type` (nn.py's, which imports this
+    module); `blocks_as_modules` as in `_stages`. Validated calls are kept per `owner`."""
+    stages = _stages(layers, block_types, conv_type, blocks_as_modules) if _eligible_call(x) else None
     if stages is None:
         return run_modules(x, owned)
     key = (x.shape, x.stride(), x.dtype)
-    signature = _validated.get(model, {}).get(key)
+    signature = _validated.get(owner, {}).get(key)
     if signature is not None and stages.same_as(signature):
         return _run_blocks(stages.blocks, x, owned)
     with dispatch.record_serving() as served:
         y = run_modules(x, owned)
     if served == [onednn.NAME] * stages.convs:
-        keys = _validated.setdefault(model, {})
+        keys = _validated.setdefault(owner, {})
         if len(keys) >= MAX_KEYS_PER_MODEL:
             keys.clear()
         keys[key] = stages.signature

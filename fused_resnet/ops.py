@@ -59,6 +59,12 @@ def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple:
     return (cast(x, False), *(cast(t, True) for t in tensors))
 
 
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether `module` itself has a hook of any kind (forward, pre, backward), which a call that skips
+    its `__call__` would not run."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
 def plain_eager_call(*tensors: Tensor | None) -> bool:
     """True when nothing but the caller sees this call: no autograd to record, no tracer, compiler,
     dispatch or function mode, functorch transform or forward-mode AD, and plain tensors only.
