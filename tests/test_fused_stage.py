@@ -16,11 +16,11 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 import fused_resnet as fr
-from fused_resnet import onednn_stages
+from fused_resnet import dispatch, onednn_stages
 from fused_resnet.nn import FusedStage
 from fused_resnet.parity import parity, randomize_bn_
 
-from helpers import assert_same_function
+from helpers import assert_same_function, onednn_reason
 
 CL = torch.channels_last
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -30,14 +30,19 @@ class Straight:
     """Counts the calls of FusedStage that handed channels_last on inside (its own loop, not nn.Sequential's)."""
 
     def __init__(self, monkeypatch):
-        self.calls = 0
-        run = onednn_stages.run
+        self.calls = self.onednn = 0  # stage calls that handed channels_last on; of those, straight oneDNN runs
+        run, run_blocks = onednn_stages.run, onednn_stages._run_blocks
 
         def counted(owner, *args, **options):
             self.calls += isinstance(owner, FusedStage)
             return run(owner, *args, **options)
 
+        def counted_blocks(*args):
+            self.onednn += 1
+            return run_blocks(*args)
+
         monkeypatch.setattr(onednn_stages, "run", counted)
+        monkeypatch.setattr(onednn_stages, "_run_blocks", counted_blocks)
 
 
 def sequential_loop(fused, *inputs):
@@ -92,6 +97,7 @@ def test_a_backbone_stages_are_fused_stages_computing_what_the_loop_computes(fea
         assert outputs_equal(first, second) and outputs_equal(second, sequential_loop(fused, x))
         assert torch.equal(x, kept)
     assert straight.calls == 2 * 2 * len(LAYERS)
+    assert straight.onednn == (2 * len(LAYERS) if onednn_reason(torch.float32) is None else 0)  # each shape's second call
 
 
 @torch.no_grad()
@@ -104,9 +110,12 @@ def test_a_stage_called_on_its_own_returns_its_inputs_layout_and_leaves_the_inpu
         for memory_format in (torch.contiguous_format, CL):
             x = torch.randn(2, channels, 20, 20, generator=generator).contiguous(memory_format=memory_format)
             kept = x.clone()
-            assert_same_function(getattr(features, name), getattr(fused, name), x)
-            assert torch.equal(x, kept)
-    assert straight.calls == 4
+            _, first = assert_same_function(getattr(features, name), getattr(fused, name), x)
+            with dispatch.record_serving() as served:
+                second = getattr(fused, name)(x)  # straight to oneDNN where it served the first call
+            assert torch.equal(first, second) and first.stride() == second.stride() and torch.equal(x, kept)
+            assert served and set(served) == {"onednn" if onednn_reason(torch.float32) is None else "reference"}
+    assert straight.calls == 8 and straight.onednn == (4 if onednn_reason(torch.float32) is None else 0)
 
 
 @torch.no_grad()
