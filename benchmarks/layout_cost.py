@@ -1,14 +1,17 @@
 """What returning eager's memory format costs: a fused ResNet-50 feature extractor (its four stages'
 outputs returned, as detection and segmentation backbones use it), fed NCHW images.
 
-    python benchmarks/layout_cost.py [--batch 2] [--image-size 224] [--threads 2] [--rounds 15]
+    python benchmarks/layout_cost.py [--batch 2] [--image-size 224] [--threads 2] [--rounds 15] [--pairs 400]
 
 Times, round-robin in one process: the model fr.fuse returns (fused modules hand each other
 channels_last tensors where only fused modules read them, and convert what the model returns to eager's
-NCHW; fused_resnet/layout.py), the same model without that plan (every fused block converts its output
-to NCHW and the next one back), the same model with every fused module left in channels_last (what it
-would cost without any conversion; its outputs then differ from eager's in layout), and eager. Prints
-medians with p20-p80 and the cost of the conversions in percent, from the medians and round by round.
+NCHW; fused_resnet/layout.py), the same model without that plan (its stages run nn.Sequential's loop and
+every fused block converts its output to NCHW and the next one back), the same model with every fused
+module left in channels_last (what it would cost without any conversion; its outputs then differ from
+eager's in layout), and eager. Prints medians with p20-p80 and the cost of the conversions in percent,
+from the medians and round by round. Then the two fused models alone, in `--pairs` paired rounds (each
+timed call after an untimed one of the same model, the order alternating): the cost per pair, its mean
+with its standard error and its median, which a machine that drifts by more than the cost still shows.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 import torch
 import torchvision
+from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 import fused_resnet as fr
 from fused_resnet import cpu_isa
 from fused_resnet.layout_plan import remove_plan
+from fused_resnet.nn import FusedStage
 from fused_resnet.parity import randomize_bn_
 from fused_resnet.timing import interleaved_ms
 
@@ -34,12 +40,16 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--pairs", type=int, default=400)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     backbone = randomize_bn_(torchvision.models.resnet50().eval(), torch.Generator().manual_seed(0))
     model = IntermediateLayerGetter(backbone, {f"layer{i}": f"c{i + 1}" for i in range(1, 5)})
     as_eager = fr.fuse(model)
     unplanned = remove_plan(fr.fuse(model))
+    for module in unplanned.modules():
+        if type(module) is FusedStage:  # nn.Sequential's loop: each block called as a module, converting
+            module.__class__ = nn.Sequential
     internal = fr.fuse(model)
     for module in internal.modules():
         if getattr(module, "output_layout", None) == "as_eager":
@@ -73,6 +83,29 @@ def main() -> None:
             f"cost of returning eager's layouts, {name.removeprefix('fused, ')}: {cost:+.1%} by medians, "
             f"{statistics.median(ratios) - 1:+.1%} per round (p20-p80 {q[0] - 1:+.1%} to {q[3] - 1:+.1%})"
         )
+    if args.pairs:
+        with torch.no_grad():
+            ratios = paired_ratios(as_eager, internal, x, args.pairs)
+        print(
+            f"cost of returning eager's layouts, {args.pairs} paired rounds of the two fused models: "
+            f"{statistics.mean(ratios) - 1:+.2%} +- {statistics.stdev(ratios) / len(ratios) ** 0.5:.2%} (mean, standard error), "
+            f"{statistics.median(ratios) - 1:+.2%} (median); load average {os.getloadavg()[0]:.2f}"
+        )
+
+
+def paired_ratios(model, baseline, x, pairs: int) -> list[float]:
+    """model's time over baseline's, pair by pair; each timed call follows an untimed one of the same model."""
+    ratios = []
+    for i in range(pairs + 5):
+        times = {}
+        for m in (model, baseline) if i % 2 else (baseline, model):
+            m(x)
+            start = time.perf_counter()
+            m(x)
+            times[m] = time.perf_counter() - start
+        if i >= 5:  # warm-up
+            ratios.append(times[model] / times[baseline])
+    return ratios
 
 
 if __name__ == "__main__":
