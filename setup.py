@@ -119,7 +119,7 @@ else:
                 py_limited_api=False,
             )
         )
-        print("CPU extension: built (NCHW <-> channels_last copies)")
+        print("CPU extension: built (NCHW <-> channels_last copies, BatchNorm fold)")
 
 if not_built is None:
     arch_list = _arch_list_with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a"))

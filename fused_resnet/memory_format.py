@@ -13,11 +13,11 @@ Where autograd records the copy, on a GPU, or where a trace would record the loo
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+from . import cpu_extension
 
 
 def tracing() -> bool:
@@ -39,15 +39,10 @@ def _by_matrices(t: Tensor) -> bool:
     return t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled()) and plain_run()
 
 
-@functools.cache
 def native_copies():
     """torch.ops.fused_resnet_cpu, whose ops copy between the layouts, or None where the CPU extension
     was not built."""
-    try:
-        from fused_resnet import _cpu  # noqa: F401  (loading it registers the fused_resnet_cpu ops)
-    except ImportError:
-        return None
-    return torch.ops.fused_resnet_cpu
+    return cpu_extension.ops()
 
 
 def _native(t: Tensor):

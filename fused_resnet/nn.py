@@ -120,9 +120,9 @@ class FusedConv2d(LayoutMixin, nn.Module):
             dtype=weight.dtype,
             output_layout=output_layout,
         )
-        with torch.no_grad():
-            fused.weight.copy_(weight)
-            fused.bias.copy_(bias)
+        # The folded tensors are new (fold_bn shares no memory with the modules): they become the parameters
+        # as they are, dense in NCHW order as the module's own would be, without another pass over the weight.
+        fused.weight, fused.bias = nn.Parameter(weight.contiguous()), nn.Parameter(bias.contiguous())
         return fused
 
     def output_shape(self, x: Tensor) -> tuple[int, ...]:

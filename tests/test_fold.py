@@ -98,3 +98,60 @@ def test_fold_refuses_other_modules():
         fr.fold_bn(nn.Linear(3, 4), nn.BatchNorm2d(4).eval())
     with pytest.raises(TypeError, match="BatchNorm"):
         fr.fold_bn(nn.Conv2d(3, 4, 1), nn.LayerNorm(4))
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+
+
+@pytest.mark.parametrize("extension", [True, False], ids=["cpu-extension", "aten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_is_torchs_float64_fold_bit_for_bit(extension, dtype, affine, monkeypatch, generator):
+    """Whether the CPU extension scales the weight in one pass or ATen in three, the folded weight and bias
+    are exactly torch.nn.utils.fusion.fuse_conv_bn_weights on float64 copies, cast once: every bit, NaN,
+    infinities, denormals and -0.0 included, in the conv weight's memory format."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    from fused_resnet import cpu_extension
+
+    if extension and cpu_extension.ops() is None:
+        pytest.fail("fused_resnet._cpu did not load: make setup builds it")
+    if not extension:
+        monkeypatch.setattr(cpu_extension, "ops", lambda: None)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        conv = nn.Conv2d(12, 24, 3, bias=affine)
+        bn = randomize_bn_(nn.BatchNorm2d(24, affine=affine), generator).eval()
+        with torch.no_grad():
+            conv.weight.view(-1)[:7] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-42, -0.0, 3e38, -1e-45])
+        conv = conv.to(memory_format=memory_format)
+
+        def f64(t):
+            return None if t is None else t.detach().double()
+
+        expected = fuse_conv_bn_weights(
+            f64(conv.weight), f64(conv.bias), f64(bn.running_mean), f64(bn.running_var), bn.eps, f64(bn.weight), f64(bn.bias)
+        )
+        for ours, theirs in zip(fr.fold_bn(conv, bn, dtype=dtype), expected):
+            theirs = theirs.detach().to(dtype)
+            assert ours.dtype == dtype and ours.stride() == theirs.stride()
+            assert _bits(ours) == _bits(theirs)
+
+
+def test_the_cpu_extensions_fold_refuses_what_it_does_not_scale():
+    from fused_resnet import cpu_extension
+
+    ops = cpu_extension.ops()
+    if ops is None:
+        pytest.fail("fused_resnet._cpu did not load: make setup builds it")
+    weight, scale = torch.randn(4, 3, 3, 3), torch.rand(4, dtype=torch.float64)
+    assert torch.equal(ops.scale_output_channels(weight, scale), (weight.double() * scale[:, None, None, None]).float())
+    with pytest.raises(RuntimeError, match="contiguous float32 weight"):
+        ops.scale_output_channels(weight.double(), scale)
+    with pytest.raises(RuntimeError, match="contiguous float32 weight"):
+        ops.scale_output_channels(weight.to(memory_format=torch.channels_last), scale)
+    with pytest.raises(RuntimeError, match="one per output channel"):
+        ops.scale_output_channels(weight, scale[:3])
+    with pytest.raises(RuntimeError, match="one per output channel"):
+        ops.scale_output_channels(weight, scale.float())

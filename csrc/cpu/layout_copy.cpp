@@ -1,4 +1,5 @@
-// The fused_resnet_cpu operator library: copies between NCHW and channels_last on the CPU.
+// The fused_resnet_cpu operator library: copies between NCHW and channels_last on the CPU (the library is
+// defined here; csrc/cpu/bn_fold.cpp adds the BatchNorm fold to it).
 //
 // An image in NCHW is a (C, H*W) matrix and in channels_last its transpose, so each conversion is one
 // transposed copy per image. ATen copies a transposed matrix in blocks on one thread, element by
