@@ -10,7 +10,7 @@ backend and with a CUDA graph; on the CPU the set in peers.CPU, with ONNX Runtim
 they are installed (pip install onnxruntime openvino; a missing one is skipped with its reason).
 Peers are timed round-robin, so a busy spell of a shared machine falls on all of them alike; medians
 with their p20-p80 spread. Each peer's setup (built from the model, then its first call: compilation,
-export, or for ours fr.fuse to first output) is timed separately, with Inductor's caches in a fresh directory so compile times are not cache hits.
+export, or for ours fr.fuse to first output) is timed separately, with Inductor's caches emptied for each compile (in memory and on disk) so compile times are not cache hits.
 Every peer's output is also compared with fp32 eager and with float64 eager on the same batch, so a
 fast wrong answer shows. A CPU run states the instruction-set level oneDNN runs at (fused_resnet.cpu_isa).
 Writes benchmarks/results/end_to_end-<time>.{json,md,png}.

@@ -41,7 +41,11 @@ def _compiled(model: nn.Module, mode: str, freezing: bool = False) -> Callable:
         x = x.contiguous(memory_format=torch.channels_last)
         if first[0]:  # compilation happens on the first call: that is when freezing must be on
             first[0] = False
-            with torch._inductor.config.patch(freezing=freezing):
+            # On empty caches, in memory and on disk, as a user's first compile of this model and input
+            # size: kernels an earlier compile in this process left would make it a cache hit.
+            from torch._inductor.utils import fresh_cache
+
+            with torch._inductor.config.patch(freezing=freezing), fresh_cache():
                 return compiled(x)
         return compiled(x)
 
