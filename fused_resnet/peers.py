@@ -26,11 +26,13 @@ LIBRARY = tuple(name for name in _BACKEND_OF if not name.startswith("ours"))  # 
 # The CPU inference engines (optional packages; see inference_engines.py).
 ENGINES = {"ONNX Runtime": "onnxruntime", "OpenVINO": "openvino"}
 ALL = (*EAGER, *COMPILED, *LIBRARY, *ENGINES, *OURS)
-# The CPU comparison: eager, BN folded by torch.fx, Inductor with freezing (which runs the same oneDNN
-# primitives as our CPU backend, after a compile step) and without, ONNX Runtime and OpenVINO, and
-# ours. Freezing comes first so that its compile time is measured on cold caches, not on kernels the
-# other compiled peer left.
-CPU = ("eager NCHW", "eager channels_last", "torch.fx fold", "compile freezing", "compile default", *ENGINES, "ours auto")
+# The CPU comparison: eager, BN folded by torch.fx, ours, Inductor with freezing (which runs the same
+# oneDNN primitives as our CPU backend, after a compile step) and without, ONNX Runtime and OpenVINO.
+# Each is set up (built, then called once) in this order in one process. Ours and Inductor's first
+# compile follow only the eager peers, as in a process of a user's: set up after Inductor's compiles and
+# both engines' sessions, fr.fuse of a ResNet-50 took 2-4x as long (its copies of the weights ran at a
+# fraction of the memory bandwidth), which no user who fuses a model meets.
+CPU = ("eager NCHW", "eager channels_last", "torch.fx fold", "ours auto", "compile freezing", "compile default", *ENGINES)
 
 
 def _compiled(model: nn.Module, mode: str, freezing: bool = False) -> Callable:
