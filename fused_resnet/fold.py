@@ -87,7 +87,9 @@ def fold_bn(conv: nn.Conv2d, bn: nn.Module | None = None, *, dtype: torch.dtype 
 
 def _scaled(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """weight * scale[:, None, ...] in float64 (scale is float64), rounded once to `dtype`; in weight's memory format."""
-    if dtype == weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous():
+    if dtype == weight.dtype == torch.float32 and weight.device.type == "cpu" and (
+        weight.is_contiguous() or (weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last))
+    ):
         native = cpu_extension.ops()
         if native is not None:
             return native.scale_output_channels(weight, scale)

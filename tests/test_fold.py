@@ -147,10 +147,15 @@ def test_the_cpu_extensions_fold_refuses_what_it_does_not_scale():
         pytest.fail("fused_resnet._cpu did not load: make setup builds it")
     weight, scale = torch.randn(4, 3, 3, 3), torch.rand(4, dtype=torch.float64)
     assert torch.equal(ops.scale_output_channels(weight, scale), (weight.double() * scale[:, None, None, None]).float())
-    with pytest.raises(RuntimeError, match="contiguous float32 weight"):
+    channels_last = weight.to(memory_format=torch.channels_last)  # each channel's weights still one block
+    scaled = ops.scale_output_channels(channels_last, scale)
+    assert scaled.stride() == channels_last.stride() and torch.equal(scaled, (weight.double() * scale[:, None, None, None]).float())
+    with pytest.raises(RuntimeError, match="dense float32 weight"):
         ops.scale_output_channels(weight.double(), scale)
-    with pytest.raises(RuntimeError, match="contiguous float32 weight"):
-        ops.scale_output_channels(weight.to(memory_format=torch.channels_last), scale)
+    with pytest.raises(RuntimeError, match="dense float32 weight"):
+        ops.scale_output_channels(weight.transpose(0, 1), scale[:3])  # output channels interleaved
+    with pytest.raises(RuntimeError, match="dense float32 weight"):
+        ops.scale_output_channels(weight[:, :, ::2], scale)
     with pytest.raises(RuntimeError, match="one per output channel"):
         ops.scale_output_channels(weight, scale[:3])
     with pytest.raises(RuntimeError, match="one per output channel"):

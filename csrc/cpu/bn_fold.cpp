@@ -9,7 +9,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -24,13 +24,17 @@ constexpr int64_t kElementsPerThread = 32768;
 
 at::Tensor scale_output_channels(const at::Tensor& weight, const at::Tensor& scale) {
   TORCH_CHECK(weight.device().is_cpu() && scale.device().is_cpu(), "fused_resnet_cpu::scale_output_channels: expected CPU tensors");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() >= 1 && weight.is_contiguous(),
-              "fused_resnet_cpu::scale_output_channels: expected a contiguous float32 weight, got ", weight.scalar_type(),
-              " with sizes ", weight.sizes(), " and strides ", weight.strides());
+  // Each output channel's weights must lie in one dense block (NCHW or channels_last order inside it):
+  // then the blocks are scaled in memory order, and the result keeps the weight's strides.
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() >= 1 && weight.is_non_overlapping_and_dense() &&
+                  (weight.size(0) == 1 || weight.stride(0) * weight.size(0) == weight.numel()),
+              "fused_resnet_cpu::scale_output_channels: expected a dense float32 weight with each output channel's "
+              "weights in one block, got ", weight.scalar_type(), " with sizes ", weight.sizes(), " and strides ",
+              weight.strides());
   TORCH_CHECK(scale.scalar_type() == at::kDouble && scale.dim() == 1 && scale.size(0) == weight.size(0) && scale.is_contiguous(),
               "fused_resnet_cpu::scale_output_channels: expected a contiguous float64 scale of ", weight.size(0),
               " elements (one per output channel), got ", scale.scalar_type(), " with sizes ", scale.sizes());
-  at::Tensor out = at::empty(weight.sizes(), weight.options());
+  at::Tensor out = at::empty_strided(weight.sizes(), weight.strides(), weight.options());
   const int64_t channels = weight.size(0);
   if (out.numel() == 0) return out;
   const int64_t per_channel = weight.numel() / channels;
