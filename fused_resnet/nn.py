@@ -120,9 +120,9 @@ class FusedConv2d(LayoutMixin, nn.Module):
             dtype=weight.dtype,
             output_layout=output_layout,
         )
-        # The folded tensors are new (fold_bn shares no memory with the modules): they become the parameters
-        # as they are, dense in NCHW order as the module's own would be, without another pass over the weight.
-        fused.weight, fused.bias = nn.Parameter(weight.contiguous()), nn.Parameter(bias.contiguous())
+        with torch.no_grad():  # into the module's own parameters, in their layout (the weight's is channels_last)
+            fused.weight.copy_(weight)
+            fused.bias.copy_(bias)
         return fused
 
     def output_shape(self, x: Tensor) -> tuple[int, ...]:
