@@ -19,7 +19,7 @@ import time
 import torch
 
 from fused_resnet import cpu_isa
-from fused_resnet.memory_format import native_copies
+from fused_resnet import cpu_extension
 
 STAGES = ((256, 56), (512, 28), (1024, 14), (2048, 7))  # channels, height = width
 
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
-    ops = native_copies()
+    ops = cpu_extension.ops()
     if ops is None:
         raise SystemExit("the CPU extension is not built (FUSED_RESNET_SKIP_CPU_BUILD=1?): nothing to measure")
     torch.set_num_threads(args.threads)

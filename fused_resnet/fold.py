@@ -74,15 +74,15 @@ def fold_bn(conv: nn.Conv2d, bn: nn.Module | None = None, *, dtype: torch.dtype 
             f"{bn.running_mean.shape[0]} features"
         )
     mean, var = _float64(bn.running_mean), _float64(bn.running_var)
-    gamma, beta = _float64(getattr(bn, "weight", None)), _float64(getattr(bn, "bias", None))
-    conv_bias = _float64(conv.bias)
+
+    def or_constant(t, value):  # an absent affine parameter or conv bias acts as `value` per channel
+        return torch.full_like(mean, value) if t is None else _float64(t)
+
+    gamma, beta = or_constant(getattr(bn, "weight", None), 1.0), or_constant(getattr(bn, "bias", None), 0.0)
     # As torch.nn.utils.fusion.fuse_conv_bn_weights computes them, operation for operation.
     rsqrt = torch.rsqrt(var + bn.eps)
-    scale = (torch.ones_like(mean) if gamma is None else gamma) * rsqrt
-    bias = ((torch.zeros_like(mean) if conv_bias is None else conv_bias) - mean) * rsqrt * (
-        torch.ones_like(mean) if gamma is None else gamma
-    ) + (torch.zeros_like(mean) if beta is None else beta)
-    return _scaled(weight, scale, dtype), bias.to(dtype)
+    bias = (or_constant(conv.bias, 0.0) - mean) * rsqrt * gamma + beta
+    return _scaled(weight, gamma * rsqrt, dtype), bias.to(dtype)
 
 
 def _scaled(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:

@@ -30,11 +30,9 @@ import weakref
 from dataclasses import dataclass
 
 from torch import Tensor, nn
-from torch.nn.modules.module import (
-    _global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks, _global_forward_pre_hooks,
-)
 
 from .memory_format import is_channels_last, plain_run, to_channels_last, to_nchw
+from .ops import has_global_hooks, has_hooks
 
 PLAN_ATTRIBUTE = "_fused_layout_plan"  # on an ancestor module: {StayToken: Stay}
 _MAX_FRAMES = 64  # how far up the call stack the ancestor's forward is looked for
@@ -154,11 +152,8 @@ class Stay:
     forward: object = None  # the ancestor's instance forward, if it had one
 
     def holds(self, ancestor: nn.Module) -> bool:
-        if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
+        if has_global_hooks() or any(map(has_hooks, self.watched)):
             return False
-        for module in self.watched:
-            if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
-                return False
         return _unchanged(ancestor, self.children, self.forward) and all(_unchanged(*c) for c in self.containers)
 
 

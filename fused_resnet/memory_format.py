@@ -39,15 +39,9 @@ def _by_matrices(t: Tensor) -> bool:
     return t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled()) and plain_run()
 
 
-def native_copies():
-    """torch.ops.fused_resnet_cpu, whose ops copy between the layouts, or None where the CPU extension
-    was not built."""
-    return cpu_extension.ops()
-
-
 def _native(t: Tensor):
     """The extension's ops where they can copy `t` (its elements are moved as 1, 2, 4 or 8 bytes), else None."""
-    return native_copies() if t.element_size() in (1, 2, 4, 8) and t.layout == torch.strided else None
+    return cpu_extension.ops() if t.element_size() in (1, 2, 4, 8) and t.layout == torch.strided else None
 
 
 def to_nchw(t: Tensor) -> Tensor:

@@ -13,9 +13,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import (
-    _global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks, _global_forward_pre_hooks,
-)
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import backends
@@ -287,10 +285,6 @@ def _hooked(module: nn.Module, own_only: bool = False) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in ((module,) if own_only else module.modules()))
 
 
-def _global_hooks() -> bool:
-    return bool(_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks)
-
-
 def _residual_of(block: nn.Module, x: Tensor, x_writable: bool) -> tuple[Tensor, bool]:
     """A block's residual branch, and whether its last conv may write its result over it.
 
@@ -390,7 +384,7 @@ class FusedStage(nn.Sequential):
 
     def forward(self, x):
         blocks = tuple(self._modules.values())
-        if not (blocks and isinstance(x, Tensor) and plain_run() and not _global_hooks()) or any(
+        if not (blocks and isinstance(x, Tensor) and plain_run() and not ops.has_global_hooks()) or any(
             type(block) not in RESIDUAL_BLOCKS or "forward" in block.__dict__ or ops.has_hooks(block) for block in blocks
         ):
             return super().forward(x)

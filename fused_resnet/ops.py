@@ -59,6 +59,12 @@ def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple:
     return (cast(x, False), *(cast(t, True) for t in tensors))
 
 
+def has_global_hooks() -> bool:
+    """Whether a global module hook of any kind (forward, pre, backward) is registered."""
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks or m._global_backward_pre_hooks)
+
+
 def has_hooks(module: torch.nn.Module) -> bool:
     """Whether `module` itself has a hook of any kind (forward, pre, backward), which a call that skips
     its `__call__` would not run."""

@@ -51,6 +51,17 @@ def assert_parity(out, *args, **kwargs):
     assert result.ok, str(result)
 
 
+def cpu_extension_ops():
+    """torch.ops.fused_resnet_cpu, or a skip where the extension is not built (tests/test_build.py fails then,
+    unless FUSED_RESNET_SKIP_CPU_BUILD=1 says it is meant)."""
+    from fused_resnet import cpu_extension
+
+    ops = cpu_extension.ops()
+    if ops is None:
+        pytest.skip("the CPU extension is not built (FUSED_RESNET_SKIP_CPU_BUILD=1)")
+    return ops
+
+
 def onednn_reason(dtype: torch.dtype) -> str | None:
     """Why the oneDNN backend does not serve `dtype` convolutions here (None: it does)."""
     return backends.get("onednn").conv_unsupported_reason(ConvCall.of(torch.empty(0, dtype=dtype), None))

@@ -9,6 +9,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import fused_resnet as fr
 from fused_resnet.parity import randomize_bn_
 
+from helpers import cpu_extension_ops
+
 
 def _bn(kind: str, channels: int, eps: float) -> nn.Module:
     if kind == "batchnorm":
@@ -116,9 +118,9 @@ def test_fold_is_torchs_float64_fold_bit_for_bit(extension, dtype, affine, monke
 
     from fused_resnet import cpu_extension
 
-    if extension and cpu_extension.ops() is None:
-        pytest.fail("fused_resnet._cpu did not load: make setup builds it")
-    if not extension:
+    if extension:
+        cpu_extension_ops()
+    else:
         monkeypatch.setattr(cpu_extension, "ops", lambda: None)
     for memory_format in (torch.contiguous_format, torch.channels_last):
         conv = nn.Conv2d(12, 24, 3, bias=affine)
@@ -140,11 +142,7 @@ def test_fold_is_torchs_float64_fold_bit_for_bit(extension, dtype, affine, monke
 
 
 def test_the_cpu_extensions_fold_refuses_what_it_does_not_scale():
-    from fused_resnet import cpu_extension
-
-    ops = cpu_extension.ops()
-    if ops is None:
-        pytest.fail("fused_resnet._cpu did not load: make setup builds it")
+    ops = cpu_extension_ops()
     weight, scale = torch.randn(4, 3, 3, 3), torch.rand(4, dtype=torch.float64)
     assert torch.equal(ops.scale_output_channels(weight, scale), (weight.double() * scale[:, None, None, None]).float())
     channels_last = weight.to(memory_format=torch.channels_last)  # each channel's weights still one block

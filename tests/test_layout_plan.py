@@ -18,11 +18,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models._utils import IntermediateLayerGetter
 
-from fused_resnet import memory_format
+from fused_resnet import cpu_extension
 from fused_resnet.layout_plan import plan_layouts, remove_plan
 from fused_resnet.memory_format import channels_last_copy, to_nchw
 from fused_resnet.parity import randomize_bn_
-from helpers import assert_same_function, fuse_quietly
+from helpers import assert_same_function, cpu_extension_ops, fuse_quietly
 
 
 def extractor(generator, arch=torchvision.models.resnet18):
@@ -234,22 +234,13 @@ CONVERSION_SHAPES = [
 ]
 
 
-def _extension_ops():
-    """torch.ops.fused_resnet_cpu, or a skip where the extension is not built (tests/test_build.py fails then,
-    unless FUSED_RESNET_SKIP_CPU_BUILD=1 says it is meant)."""
-    ops = memory_format.native_copies()
-    if ops is None:
-        pytest.skip("the CPU extension is not built (FUSED_RESNET_SKIP_CPU_BUILD=1)")
-    return ops
-
-
 @pytest.fixture(params=["extension", "aten"])
 def copies_by(request, monkeypatch):
     """The conversions by the CPU extension's ops, and by ATen's copies (where the extension is missing)."""
     if request.param == "extension":
-        _extension_ops()
+        cpu_extension_ops()
     else:
-        monkeypatch.setattr(memory_format, "native_copies", lambda: None)
+        monkeypatch.setattr(cpu_extension, "ops", lambda: None)
     return request.param
 
 
@@ -294,7 +285,7 @@ def test_the_conversions_of_views_and_odd_strides(copies_by):
 
 
 def test_the_extension_ops_refuse_what_they_cannot_copy():
-    ops = _extension_ops()
+    ops = cpu_extension_ops()
     with pytest.raises(RuntimeError, match="expected a dense channels_last tensor"):
         ops.channels_last_to_contiguous(torch.randn(2, 3, 4, 5))
     with pytest.raises(RuntimeError, match="expected a dense contiguous"):
