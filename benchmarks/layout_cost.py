@@ -11,7 +11,10 @@ module left in channels_last (what it would cost without any conversion; its out
 eager's in layout), and eager. Prints medians with p20-p80 and the cost of the conversions in percent,
 from the medians and round by round. Then the two fused models alone, in `--pairs` paired rounds (each
 timed call after an untimed one of the same model, the order alternating): the cost per pair, its mean
-with its standard error and its median, which a machine that drifts by more than the cost still shows.
+with its standard error, its 10%-trimmed mean and its median, which a machine that drifts by more than the
+cost still shows. Last, the conversions' own time inside fr.fuse's forward (each conversion to eager's
+layout timed where layout.py makes it), against the whole forward's, call by call: a direct measure,
+not a difference of two totals.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 import fused_resnet as fr
-from fused_resnet import cpu_isa
+from fused_resnet import cpu_isa, layout
 from fused_resnet.layout_plan import remove_plan
 from fused_resnet.nn import FusedStage
 from fused_resnet.parity import randomize_bn_
@@ -89,7 +92,15 @@ def main() -> None:
         print(
             f"cost of returning eager's layouts, {args.pairs} paired rounds of the two fused models: "
             f"{statistics.mean(ratios) - 1:+.2%} +- {statistics.stdev(ratios) / len(ratios) ** 0.5:.2%} (mean, standard error), "
-            f"{statistics.median(ratios) - 1:+.2%} (median); load average {os.getloadavg()[0]:.2f}"
+            f"{trimmed_mean(ratios, 0.1) - 1:+.2%} (10%-trimmed mean), {statistics.median(ratios) - 1:+.2%} (median); "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
+        with torch.no_grad():
+            shares, converted = conversion_shares(as_eager, x, args.pairs)
+        q = statistics.quantiles(shares, n=5)
+        print(
+            f"conversions' own time inside fr.fuse's forward ({converted}), {args.pairs} calls: "
+            f"{statistics.median(shares):.2%} of the forward (median; p20-p80 {q[0]:.2%} to {q[3]:.2%})"
         )
 
 
@@ -106,6 +117,47 @@ def paired_ratios(model, baseline, x, pairs: int) -> list[float]:
         if i >= 5:  # warm-up
             ratios.append(times[model] / times[baseline])
     return ratios
+
+
+def trimmed_mean(values: list[float], cut: float) -> float:
+    """The mean of `values` without the lowest and highest `cut` of them (a spell of steal or a page-cache
+    stall hits one call and moves a plain mean more than the cost being measured)."""
+    ordered = sorted(values)
+    k = int(len(ordered) * cut)
+    return statistics.mean(ordered[k:len(ordered) - k])
+
+
+def conversion_shares(model, x, calls: int) -> tuple[list[float], str]:
+    """Per call of `model`: the time spent in layout.py's conversions to eager's layout over the call's
+    time; and what was converted in one call."""
+    spent, sizes = [], []
+    conversions = {"to_nchw": layout.to_nchw, "to_channels_last": layout.to_channels_last}
+
+    def timed(convert):
+        def run(t):
+            start = time.perf_counter()
+            out = convert(t)
+            spent.append(time.perf_counter() - start)
+            sizes.append(tuple(t.shape))
+            return out
+        return run
+
+    shares = []
+    try:
+        for name, convert in conversions.items():
+            setattr(layout, name, timed(convert))
+        for i in range(calls + 5):
+            spent.clear()
+            sizes.clear()
+            start = time.perf_counter()
+            model(x)
+            total = time.perf_counter() - start
+            if i >= 5:  # warm-up
+                shares.append(sum(spent) / total)
+    finally:
+        for name, convert in conversions.items():
+            setattr(layout, name, convert)
+    return shares, f"{len(sizes)} copies: " + ", ".join("x".join(map(str, s)) for s in sizes)
 
 
 if __name__ == "__main__":
