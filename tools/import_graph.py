@@ -23,7 +23,7 @@ LAYERS = (
     ("base", ("fused_resnet._build", "fused_resnet.validation", "fused_resnet.call", "fused_resnet.parity",
               "fused_resnet.timing", "fused_resnet.fold", "fused_resnet.derivatives", "fused_resnet.cpu_isa",
               "fused_resnet.version", "fused_resnet._cpu", "fused_resnet.cpu_extension",
-              "fused_resnet.memory_format")),
+              "fused_resnet.memory_format", "fused_resnet.cpu_memory")),
     ("kernel", ("fused_resnet._C", "fused_resnet.autotune", "fused_resnet.backends.")),
     ("backend registry", ("fused_resnet.backends",)),
     ("self-check", ("fused_resnet.self_check",)),

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .. import cpu_isa
+from .. import cpu_isa, cpu_memory
 from ..memory_format import channels_last_copy
 from .reference import add_relu  # noqa: F401  (oneDNN has no standalone add + ReLU; ATen's vectorised kernels serve it)
 from .reference import preact
@@ -100,6 +100,7 @@ def _as_channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def conv2d_bias_act(out, call):
+    cpu_memory.keep_freed_memory()  # once per process: activations reuse freed memory instead of new pages
     x, weight, bias, residual = call.x, call.weight, call.bias, call.residual
     stride, padding, dilation, groups = call.conv_arguments
     # oneDNN reads its operands as dense tensors of the layout their strides suggest: a view with gaps,
