@@ -145,6 +145,34 @@ def test_conv_output_used_twice_is_not_fused_away():
         torch.testing.assert_close(fused(x), model(x))
 
 
+class _NormFreeEnd(nn.Module):
+    """A GroupNorm ResNet-v2 bottleneck's end: GroupNorm -> ReLU -> conv, whose output meets the shortcut
+    (and, with `relu`, a ReLU after the add)."""
+
+    def __init__(self, relu: bool):
+        super().__init__()
+        self.norm, self.conv, self.relu = nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 3, padding=1), relu
+
+    def forward(self, x):
+        y = self.conv(torch.relu(self.norm(x))) + x
+        return torch.relu(y) if self.relu else y
+
+
+def test_a_conv_whose_only_fusion_is_the_residual_add_runs_as_it_is():
+    model = _NormFreeEnd(relu=False).eval()
+    with pytest.warns(UserWarning, match="a conv followed by a residual add alone runs faster as it is"):
+        fused = fr.fuse(model)
+    assert not any(isinstance(m, fr.FusedConv2d) for m in fused.modules())
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+    # With the ReLU after the add, the conv takes both (two passes saved) and is fused.
+    model = _NormFreeEnd(relu=True).eval()
+    fused = fr.fuse(model)
+    assert sum(isinstance(m, fr.FusedConv2d) for m in fused.modules()) == 1
+    _assert_parity(model, fused, x)
+
+
 def test_shared_conv_called_twice_is_fused_at_both_call_sites():
     class Twice(nn.Module):
         def __init__(self):
