@@ -77,6 +77,14 @@ def build(engine: str, model: nn.Module, dtype: torch.dtype, threads: int | None
 
 
 def _onnxruntime(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, threads: int) -> Callable:
+    session = onnxruntime_session(model, x, threads)
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+def onnxruntime_session(model: nn.Module, x: torch.Tensor, threads: int, profile_prefix: str | None = None):
+    """The ONNX Runtime session the "onnxruntime" peer runs (its input is named "x"). With
+    `profile_prefix`, the session also records each node's time; `session.end_profiling()` writes
+    them to a JSON file under that prefix and returns its path."""
     import onnxruntime
 
     exported = io.BytesIO()
@@ -86,8 +94,10 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, threads:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = onnxruntime.InferenceSession(exported.getvalue(), options, providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return onnxruntime.InferenceSession(exported.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
 def _openvino(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, threads: int) -> Callable:
