@@ -1,5 +1,5 @@
 """Builds fused_resnet, its CPU C++ extension fused_resnet._cpu (csrc/cpu/: the NCHW <-> channels_last
-copies), and its CUDA C++ extension fused_resnet._C when a CUDA toolkit is found.
+copies, the BatchNorm fold, ReLU on 16-bit floats), and its CUDA C++ extension fused_resnet._C when a CUDA toolkit is found.
 
     pip install --no-build-isolation -e .
 
@@ -119,7 +119,7 @@ else:
                 py_limited_api=False,
             )
         )
-        print("CPU extension: built (NCHW <-> channels_last copies, BatchNorm fold)")
+        print("CPU extension: built (NCHW <-> channels_last copies, BatchNorm fold, 16-bit ReLU)")
 
 if not_built is None:
     arch_list = _arch_list_with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a"))

@@ -20,7 +20,7 @@ def _tool(name: str):
 setup_stamp = _tool("setup_stamp")
 missing_requirements = _tool("missing_requirements")
 
-SUMMARY = "CUDA extension: built for sm_80, sm_90a, CUTLASS 4.2.0; CPU extension: built (NCHW <-> channels_last copies, BatchNorm fold)"
+SUMMARY = "CUDA extension: built for sm_80, sm_90a, CUTLASS 4.2.0; CPU extension: built (NCHW <-> channels_last copies, BatchNorm fold, 16-bit ReLU)"
 EXTENSIONS = ["fused_resnet/_C.so", "fused_resnet/_cpu.so"]
 
 

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .. import cpu_isa, cpu_memory
+from .. import cpu_extension, cpu_isa, cpu_memory
 from ..memory_format import channels_last_copy
 from .reference import add_relu  # noqa: F401  (oneDNN has no standalone add + ReLU; ATen's vectorised kernels serve it)
 from .reference import preact
@@ -122,8 +122,18 @@ def conv2d_bias_act(out, call):
             y = residual.add_(y) if out is residual else y.add_(residual)
     # Not oneDNN's ReLU post-op: it maps NaN to 0 where eager's relu keeps NaN, so a NaN or Inf in
     # the input would silently vanish; so do the other post-ops that could stand for it, at AVX2 and
-    # AVX-512 alike (tools/onednn_relu_postop.py). ATen's ReLU runs in place on the just-written output.
-    return y.relu_() if call.relu else y
+    # AVX-512 alike (tools/onednn_relu_postop.py). ReLU runs in place on the just-written output.
+    return _relu_(y) if call.relu else y
+
+
+def _relu_(y: torch.Tensor) -> torch.Tensor:
+    """torch.relu in place, bit for bit. In bfloat16 and float16 the CPU extension's pass on the bits
+    (csrc/cpu/relu_16bit.cpp) does it: ATen's widens every value to float32 and back, 4x slower."""
+    if y.dtype in (torch.bfloat16, torch.float16) and (y.is_contiguous(memory_format=torch.channels_last) or y.is_contiguous()):
+        native = cpu_extension.ops()
+        if native is not None:
+            return native.relu_16bit_(y)
+    return y.relu_()
 
 
 def preact_unsupported_reason(call) -> str | None:
