@@ -5,7 +5,7 @@
 // forward. Here a value is cleared when it is negative and not NaN: its sign bit is set, its magnitude
 // is nonzero (-0.0 stays -0.0, as torch.relu keeps it) and at most infinity's (NaN stays NaN, -inf
 // becomes +0.0). Integer operations only, so the compiler vectorises the loop for whatever the CPU
-// has; target_clones builds it for AVX-512, AVX2 and plain x86-64 and picks at load time.
+// has; on x86-64, target_clones builds it for AVX-512, AVX2 and the baseline and picks at load time.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,7 +20,9 @@ namespace {
 // The fewest elements worth a thread of their own (ATen's grain size for elementwise loops).
 constexpr int64_t kElementsPerThread = 32768;
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11  // GCC 11 named the x86-64-v3/v4 levels
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 void clear_negatives(uint16_t* bits, int64_t begin, int64_t end, uint16_t infinity) {
   for (int64_t i = begin; i < end; ++i) {
     const uint16_t value = bits[i];
