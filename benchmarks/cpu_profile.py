@@ -37,7 +37,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ from results_io import environment, markdown_table, write  # noqa: E402
 
 from fused_resnet import cpu_isa, inference_engines, peers  # noqa: E402
 from fused_resnet.architectures import build  # noqa: E402
-from fused_resnet.timing import interleaved_ms, quantiles, time_ms  # noqa: E402
+from fused_resnet.timing import quantiles, time_ms  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OURS, ORT = "ours auto", "ONNX Runtime"
@@ -90,12 +89,8 @@ def _stdout_captured(log):
         os.close(saved)
 
 
-def _timed_calls(run, calls: int) -> float:
-    """Runs `run` `calls` times; milliseconds per call."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        run()
-    return (time.perf_counter() - start) * 1e3 / calls
+def _ms_per_call(run, calls: int) -> float:
+    return statistics.mean(time_ms(run, torch.device("cpu"), iters=calls, warmup=0))
 
 
 def onednn_executions(run, calls: int) -> tuple[list[tuple[str, str, str, float]], float]:
@@ -104,7 +99,7 @@ def onednn_executions(run, calls: int) -> tuple[list[tuple[str, str, str, float]
     meanwhile (the verbose lines add a few microseconds per primitive)."""
     with tempfile.TemporaryFile("w+") as log:
         with _stdout_captured(log), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-            wall = _timed_calls(run, calls)
+            wall = _ms_per_call(run, calls)
         log.seek(0)
         lines = log.read().splitlines()
     executions = []
@@ -119,7 +114,7 @@ def aten_self_ms(run, calls: int) -> tuple[dict[str, float], float]:
     """Milliseconds per call of each ATen operator's own time (torch.profiler's self CPU time), and
     the milliseconds per call meanwhile (the profiler adds a few microseconds per operator)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        wall = _timed_calls(run, calls)
+        wall = _ms_per_call(run, calls)
     own = {event.key: event.self_cpu_time_total / 1e3 / calls for event in profile.key_averages() if event.self_cpu_time_total > 0}
     return own, wall
 
@@ -130,9 +125,7 @@ def onnxruntime_nodes(session, feed: dict, calls: int) -> tuple[list[dict], floa
     warm the session up."""
     for _ in range(calls + 2):
         session.run(None, feed)
-    path = session.end_profiling()
-    events = json.loads(Path(path).read_text())
-    os.remove(path)
+    events = json.loads(Path(session.end_profiling()).read_text())
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][-calls:]
     nodes = [
         {"op": e["args"]["op_name"], "ms": e["dur"] / 1e3, "inputs": e["args"].get("input_type_shape", []),
@@ -165,7 +158,7 @@ def ceiling_gflops(dtype: torch.dtype) -> float:
         def conv():
             torch.ops.mkldnn._convolution_pointwise(x, packed, None, pad, [1, 1], [1, 1], 1, "none", [None], "")
 
-        ms = statistics.median(interleaved_ms({"conv": conv}, torch.device("cpu"), reps=9)["conv"])
+        ms = statistics.median(time_ms(conv, torch.device("cpu"), iters=20, warmup=3))
         flops = 2.0 * batch * cout * size * size * cin * kernel * kernel
         best = max(best, flops / ms / 1e6)
     return best
@@ -176,7 +169,7 @@ def _share(part: float, whole: float) -> float:
 
 
 @torch.no_grad()
-def profile_case(arch: str, dtype_name: str, batch: int, args, ceiling: float) -> tuple[list[dict], list[dict]]:
+def profile_case(arch: str, dtype_name: str, batch: int, args, ceiling: float | None) -> tuple[list[dict], list[dict]]:
     dtype = DTYPES[dtype_name]
     model = build(arch, torch.Generator().manual_seed(0))
     x = torch.randn(batch, 3, args.image_size, args.image_size)
@@ -214,8 +207,9 @@ def profile_case(arch: str, dtype_name: str, batch: int, args, ceiling: float) -
         session = inference_engines.onnxruntime_session(model, x, torch.get_num_threads())
         ort_wall = quantiles(time_ms(lambda: session.run(None, feed), torch.device("cpu"), iters=args.reps, warmup=3))[1]
         del session  # its threads with it; the profiled session below records each node, which costs a little
-        session = inference_engines.onnxruntime_session(model, x, torch.get_num_threads(), profile_prefix=tempfile.mktemp(prefix="ort-profile-"))
-        nodes, run_ms = onnxruntime_nodes(session, feed, args.calls)
+        with tempfile.TemporaryDirectory() as directory:
+            session = inference_engines.onnxruntime_session(model, x, torch.get_num_threads(), profile_prefix=os.path.join(directory, "ort"))
+            nodes, run_ms = onnxruntime_nodes(session, feed, args.calls)
         conv_nodes = [node for node in nodes if "Conv" in node["op"]]
         conv_share = sum(node["ms"] for node in conv_nodes) / args.calls / run_ms
         other_share = sum(node["ms"] for node in nodes if "Conv" not in node["op"]) / args.calls / run_ms
@@ -238,14 +232,15 @@ def profile_case(arch: str, dtype_name: str, batch: int, args, ceiling: float) -
         gflops = conv_flops(shape) / per_call / 1e6 if shape else None
         convs.append(dict(
             case, convolution=problem, calls=len(times) / args.calls, ms_per_call=per_call, implementation=implementation,
-            gflops=gflops, of_ceiling=None if gflops is None else gflops / ceiling,
+            gflops=gflops, of_ceiling=None if gflops is None or ceiling is None else gflops / ceiling,
             ort_ms_per_call=ort_per_conv.get(conv_key(shape)) if shape else None,
         ))
     return split, convs
 
 
-def summary(split: list[dict], convs: list[dict], ceiling: float) -> str:
-    lines = [f"Ceiling: {ceiling:.0f} GFLOP/s, the best rate of oneDNN's convolutions here (large shapes, same dtype).", ""]
+def summary(split: list[dict], convs: list[dict], ceiling: float | None) -> str:
+    lines = ["No ceiling: oneDNN does not compute this dtype here." if ceiling is None else
+             f"Ceiling: {ceiling:.0f} GFLOP/s, the best rate of oneDNN's convolutions here (large shapes, same dtype).", ""]
     for case in dict.fromkeys((r["arch"], r["dtype"], r["batch"]) for r in split):
         rows = [r for r in split if (r["arch"], r["dtype"], r["batch"]) == case]
         ours = {r["part"]: r["ms"] for r in rows if r["engine"] == OURS}
@@ -254,7 +249,9 @@ def summary(split: list[dict], convs: list[dict], ceiling: float) -> str:
         weighted = sum(r["gflops"] * r["ms_per_call"] * r["calls"] for r in mine if r["gflops"])
         spent = sum(r["ms_per_call"] * r["calls"] for r in mine if r["gflops"])
         line = (f"- {case[0]} {case[1]} batch {case[2]}: ours {ours['wall (median)']:.2f} ms, of which oneDNN's convolutions "
-                f"{ours['oneDNN convolution primitives']:.2f} ms at {weighted / spent / ceiling:.0%} of the ceiling on average")
+                f"{ours['oneDNN convolution primitives']:.2f} ms")
+        if spent and ceiling:  # no convolution primitives where oneDNN does not compute this dtype here
+            line += f" at {weighted / spent / ceiling:.0%} of the ceiling on average"
         if ort:
             line += (f"; ONNX Runtime {ort['wall (median)']:.2f} ms, of which its Conv nodes "
                      f"{ort['Conv nodes (their fused sums and activations included)']:.2f} ms")
@@ -283,7 +280,8 @@ def main(argv=None) -> int:
         print(f"{args.dtype}: {cpu_isa.missing_reason(dtype)}; profiling the fallback", flush=True)
     print(f"profiling on the CPU with {torch.get_num_threads()} threads; oneDNN runs at {cpu_isa.describe()}", flush=True)
     env = environment(torch.device("cpu"))
-    ceiling = ceiling_gflops(dtype)
+    # Where oneDNN does not compute this dtype here there are no convolution primitives to measure.
+    ceiling = None if cpu_isa.onednn_computes(dtype) is False else ceiling_gflops(dtype)
     split, convs = [], []
     for arch in args.archs:
         for batch in args.batches:

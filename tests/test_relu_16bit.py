@@ -1,5 +1,6 @@
-"""ReLU on bfloat16 and float16 bits (csrc/cpu/relu_16bit.cpp), which the oneDNN backend runs after
-each 16-bit convolution: torch.relu's value for every one of the 65,536 bit patterns of each dtype."""
+"""ReLU on bfloat16 and float16 bits (csrc/cpu/relu_16bit.cpp), which the oneDNN backend runs for each
+of its 16-bit ReLUs (after a convolution, a standalone add, a pre-activation): torch.relu's value for
+every one of the 65,536 bit patterns of each dtype."""
 
 import pytest
 import torch
@@ -75,3 +76,23 @@ def test_the_onednn_backends_relu_is_torch_relu(dtype, extension, monkeypatch):
     out = onednn.conv2d_bias_act(None, call)
     assert pre.isnan().any() and (pre < 0).any()
     assert_relu_of(pre, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_onednn_backends_add_relu_and_preact_relu_are_torch_relu(dtype):
+    reason = onednn_reason(dtype)
+    if reason is not None:
+        pytest.skip(f"oneDNN has no {dtype} convolution here ({reason}); tests/test_cpu_isa.py checks the refusal")
+    x = torch.randn(2, 16, 9, 9).to(dtype).contiguous(memory_format=torch.channels_last)
+    y = torch.randn(2, 16, 9, 9).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 3, 4, 4], x[1, 5, 2, 2], y[1, 7, 1, 1] = float("nan"), float("-inf"), float("inf")
+    out = torch.empty_like(x)
+    onednn.add_relu(out, x, y)
+    assert_relu_of(x + y, out)
+    weight = torch.randn(16, 16, 3, 3).to(dtype)
+    scale, shift = torch.randn(16).to(dtype), torch.randn(16).to(dtype)
+    call = ConvCall(x, weight, None, None, (1, 1), (1, 1), (1, 1), 1, False, scale, shift)
+    pre, z = onednn.conv2d_preact(None, torch.empty_like(x), call)
+    affine = torch.addcmul(shift, pre.permute(0, 2, 3, 1), scale).permute(0, 3, 1, 2)
+    assert affine.isnan().any() and (affine < 0).any()
+    assert_relu_of(affine, z)

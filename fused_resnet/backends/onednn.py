@@ -20,7 +20,6 @@ import torch
 
 from .. import cpu_extension, cpu_isa, cpu_memory
 from ..memory_format import channels_last_copy
-from .reference import add_relu  # noqa: F401  (oneDNN has no standalone add + ReLU; ATen's vectorised kernels serve it)
 from .reference import preact
 from .weight_cache import DerivedWeights
 
@@ -127,8 +126,9 @@ def conv2d_bias_act(out, call):
 
 
 def _relu_(y: torch.Tensor) -> torch.Tensor:
-    """torch.relu in place, bit for bit. In bfloat16 and float16 the CPU extension's pass on the bits
-    (csrc/cpu/relu_16bit.cpp) does it: ATen's widens every value to float32 and back, 4x slower."""
+    """torch.relu in place, for every ReLU this backend applies. In bfloat16 and float16 the CPU
+    extension's pass on the bits (csrc/cpu/relu_16bit.cpp) does it: ATen's widens every value to
+    float32 and back, 4x slower. (Same values; a NaN's payload, which ATen's relu changes, may differ.)"""
     if y.dtype in (torch.bfloat16, torch.float16) and (y.is_contiguous(memory_format=torch.channels_last) or y.is_contiguous()):
         native = cpu_extension.ops()
         if native is not None:
@@ -145,8 +145,13 @@ def conv2d_preact(out, out_preact, call):
     # writes it in one pass and ReLU runs in place on it. (One pass would be a depthwise 1x1 oneDNN
     # convolution with a ReLU post-op, but that post-op maps NaN to 0 where torch.relu keeps it.)
     y = conv2d_bias_act(out, call.replace(relu=False))
-    return y, preact(y, call.scale, call.shift, out=out_preact)
+    return y, preact(y, call.scale, call.shift, out=out_preact, relu_=_relu_)
 
 
 def add_relu_unsupported_reason(x, y) -> str | None:
     return None
+
+
+def add_relu(out, x, y) -> None:
+    # oneDNN has no standalone add + ReLU: ATen's vectorised add, then this backend's ReLU.
+    _relu_(torch.add(x, y, out=out))
